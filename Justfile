@@ -1,0 +1,35 @@
+# flm tasks. `just` itself comes from PyPI (rust-just); see README.
+
+venv := ".venv"
+py := venv + "/bin/python"
+flm := venv + "/bin/flm"
+data := "../shared/data/youtube-faces-68"
+
+# Create .venv and install flm with every extra (idempotent: skipped when up to date).
+setup:
+    @test -x {{py}} || python3 -m venv {{venv}}
+    @if [ ! -f {{venv}}/.installed ] || [ pyproject.toml -nt {{venv}}/.installed ]; then \
+        {{venv}}/bin/pip install -q --upgrade pip && \
+        {{venv}}/bin/pip install -q -e '.[all]' && touch {{venv}}/.installed; fi
+
+# The main job on the embedded default: train on synthetic faces, check the budget, export, verify, detect.
+demo: setup
+    {{flm}} train --out runs/demo
+    {{flm}} check-budget runs/demo/best.pt
+    {{flm}} export runs/demo/best.pt --target all --out runs/demo/export
+    {{flm}} data synth --out runs/demo/faces -n 4 --seed 7
+    {{flm}} detect runs/demo/faces/images --model runs/demo/export/model.onnx --out runs/demo/detections
+    @echo "annotated images: runs/demo/detections"
+
+# The default test run (what CI runs).
+test *ARGS: setup
+    {{py}} -m pytest {{ARGS}}
+
+# Train the model flm ships on the real 68-point set, identity-held-out validation.
+train-real *ARGS: setup
+    {{flm}} train --model shufflenet-heatmap --data udacity:{{data}} --out runs/real {{ARGS}}
+
+# Benchmarks: accuracy and speed side by side with the peers in ../shared/peers.
+bench: setup
+    {{py}} benchmarks/accuracy.py
+    {{py}} benchmarks/speed.py

@@ -1,0 +1,74 @@
+"""Atomic file writes: a crash never leaves a half-written file where a good one was."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("flm")
+
+
+@contextlib.contextmanager
+def atomic_path(dest, suffix: str = ""):
+    """Yield a temporary path beside `dest`; on success fsync and rename it over `dest`.
+
+    Works for files and directories (a Core ML `.mlpackage` is a directory). On error the
+    temporary is removed and `dest` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    os.close(fd)
+    os.unlink(tmp)  # let the writer create a file or a directory there
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        replace(tmp, dest)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def replace(src: Path, dest: Path) -> None:
+    """Move `src` over `dest` (atomic for files; for directories old one goes after the new is in place)."""
+    src, dest = Path(src), Path(dest)
+    if src.is_dir() and dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(src, dest)
+        remove(old)
+    else:
+        os.replace(src, dest)
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dfd = os.open(dest.parent, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+
+
+def remove(path: Path) -> None:
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def size_of(path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def log_written(path, started: float) -> None:
+    """STYLE 6: every artefact written is logged with its path, size and time taken."""
+    log.info("wrote %s (%.2f MB, %.1f s)", path, size_of(path) / 1e6, time.perf_counter() - started)

@@ -1,0 +1,1 @@
+"""Training-side stages: data, models, training and evaluation (these use torch)."""

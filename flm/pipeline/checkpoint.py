@@ -1,0 +1,64 @@
+"""Checkpoints: plain tensors + the model spec, loaded with `torch.load(weights_only=True)`.
+
+Nothing in a checkpoint is unpickled as an arbitrary object, so a file from a stranger can
+carry no code. Writes are atomic (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from flm.errors import ModelFileError, SpecError
+from flm.fileio import atomic_path, log_written
+from flm.pipeline.models import LandmarkModel, build_model
+from flm.spec import ModelSpec
+
+CHECKPOINT_FORMAT = "flm-checkpoint/1"
+
+
+def save_checkpoint(path, model: LandmarkModel, **extra) -> Path:
+    """Write {format, spec, options, state_dict, **extra} atomically. `extra` must be plain data/tensors."""
+    started = time.perf_counter()
+    payload = {"format": CHECKPOINT_FORMAT, "spec": model.spec.to_json(),
+               "options": dict(getattr(model, "build_options", {})),
+               "state_dict": model.state_dict(), **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    log_written(path, started)
+    return Path(path)
+
+
+def read_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign / pickled-code files
+        raise ModelFileError(path, f"not a readable flm checkpoint ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(path, f"not an flm checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if "spec" not in ckpt or "state_dict" not in ckpt:
+        raise ModelFileError(path, "checkpoint lacks its model spec or weights")
+    return ckpt
+
+
+def load_model(path) -> LandmarkModel:
+    """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
+    ckpt = read_checkpoint(path)
+    try:
+        spec = ModelSpec.from_json(ckpt["spec"], source=str(path))
+    except SpecError as e:
+        raise ModelFileError(path, str(e)) from None
+    model = build_model(spec.preset, spec=spec, options=ckpt.get("options") or {})
+    model.build_options = dict(ckpt.get("options") or {})
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ModelFileError(path, f"weights do not match preset {spec.preset!r}: "
+                                   f"{str(e).splitlines()[0][:200]}") from None
+    return model.eval()

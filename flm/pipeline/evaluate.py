@@ -1,0 +1,147 @@
+"""Prediction and evaluation on a landmark dataset (the training-time twin of the runtime).
+
+Crops are cut with the same `flm.geometry` functions the runtime uses; predictions are mapped
+back to image pixels, so NME is measured exactly where a user would see the points.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from flm.fileio import atomic_path, log_written
+from flm.geometry import (crop_matrix, ced_curve, invert_affine, landmark_box, nme, nme_summary,
+                          normaliser, to_model_input, transform_points, warp)
+from flm.pipeline.augment import AugmentConfig, make_crop
+from flm.pipeline.data import LandmarkDataset
+from flm.spec import ModelSpec
+
+log = logging.getLogger("flm")
+
+
+class CropDataset(Dataset):
+    """Model inputs and crop-space targets for a LandmarkDataset.
+
+    Items are addressed as (index, epoch) so augmentation is a pure function of the seed,
+    the epoch and the sample — the same in any worker, and the same after `--resume`.
+    """
+
+    def __init__(self, ds: LandmarkDataset, spec: ModelSpec, aug: AugmentConfig | None = None,
+                 seed: int = 0, point_index=None):
+        self.ds, self.spec, self.aug, self.seed = ds, spec, aug, seed
+        self.point_index = point_index  # e.g. the 12 eye points of a 68-point set
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        s = self.ds.samples[i]
+        img = s.load()
+        pts = s.points if self.point_index is None else s.points[self.point_index]
+        rng = np.random.default_rng([self.seed, epoch, i]) if self.aug else None
+        crop, cpts = make_crop(img, pts, self.spec, rng, self.aug)
+        if self.spec.color_order == "BGR":
+            crop = crop[:, :, ::-1]
+        x = to_model_input(crop, self.spec.channels, self.spec.mean, self.spec.std)
+        return torch.from_numpy(x), torch.from_numpy(cpts), i
+
+
+def point_subset(spec: ModelSpec, ds: LandmarkDataset):
+    """Indices of the model's points inside the dataset's scheme (eyes12 from ibug68), or None."""
+    if spec.scheme == ds.scheme:
+        return None
+    if spec.scheme == "eyes12" and ds.scheme == "ibug68":
+        return np.arange(36, 48)
+    raise ValueError(f"model predicts {spec.scheme} points but dataset {ds.name} has {ds.scheme}")
+
+
+@torch.no_grad()
+def predict_crops(model, ds: LandmarkDataset, batch_size: int = 64, device="cpu", workers: int = 0):
+    """(predictions, ground truth) as (N, K, 2) in model-input pixels of the evaluation crop."""
+    spec = model.spec
+    loader = DataLoader(CropDataset(ds, spec, None, point_index=point_subset(spec, ds)),
+                        batch_size=batch_size, num_workers=workers)
+    model.eval()
+    preds, gts = [], []
+    for x, pts, _ in loader:
+        preds.append(model.decode(model(x.to(device))).float().cpu().numpy())
+        gts.append(pts.numpy())
+    return np.concatenate(preds), np.concatenate(gts)
+
+
+def to_image_coords(crop_points: np.ndarray, ds: LandmarkDataset, spec: ModelSpec, point_index=None):
+    """Map crop-space points back to each sample's image pixels."""
+    out = np.empty_like(crop_points, dtype=np.float64)
+    for j, s in enumerate(ds.samples):
+        pts = s.points if point_index is None else s.points[point_index]
+        m = crop_matrix(landmark_box(pts), spec.crop, spec.input_size)
+        out[j] = transform_points(crop_points[j], invert_affine(m))
+    return out
+
+
+def evaluate(model, ds: LandmarkDataset, norm: str = "inter-ocular", threshold: float = 0.08,
+             batch_size: int = 64, device="cpu") -> dict:
+    """NME summary on `ds`, crops from the ground-truth landmark box (the challenge protocol)."""
+    spec = model.spec
+    idx = point_subset(spec, ds)
+    pred_c, _ = predict_crops(model, ds, batch_size, device)
+    pred = to_image_coords(pred_c, ds, spec, idx)
+    gt = np.stack([s.points if idx is None else s.points[idx] for s in ds.samples]).astype(np.float64)
+    errors = nme(pred, gt, normaliser(gt, norm, spec.scheme))
+    result = {"dataset": ds.name, "model": spec.preset, "norm": norm, **nme_summary(errors, threshold)}
+    yaws = [s.meta.get("yaw") for s in ds.samples]
+    if norm == "bbox" and all(y is not None for y in yaws):
+        # AFLW2000-3D protocol: mean NME per |yaw| bin, and the mean of the three means
+        yaw = np.abs(np.asarray(yaws, np.float64))
+        bins = {"0-30": yaw < 30, "30-60": (yaw >= 30) & (yaw < 60), "60-90": yaw >= 60}
+        result["yaw_bins"] = {k: float(errors[m].mean()) if m.any() else None for k, m in bins.items()}
+        means = [v for v in result["yaw_bins"].values() if v is not None]
+        result["yaw_balanced_nme"] = float(np.mean(means)) if means else None
+    result["errors"] = errors.tolist()
+    return result
+
+
+def mean_shape_baseline(train: LandmarkDataset, val: LandmarkDataset, spec: ModelSpec,
+                        norm: str = "inter-ocular") -> float:
+    """NME of predicting the mean training shape in every crop: the bar a model must clear."""
+    idx = point_subset(spec, train)
+    def crop_pts(ds):
+        out = []
+        for s in ds.samples:
+            p = s.points if idx is None else s.points[idx]
+            out.append(transform_points(p, crop_matrix(landmark_box(p), spec.crop, spec.input_size)))
+        return np.stack(out)
+    mean = crop_pts(train).mean(axis=0)
+    gt = crop_pts(val)
+    return float(nme(np.broadcast_to(mean, gt.shape), gt, normaliser(gt, norm, spec.scheme)).mean())
+
+
+def write_report(result: dict, json_path=None, ced_png=None) -> None:
+    if json_path:
+        t = time.perf_counter()
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=2))
+        log_written(json_path, t)
+    if ced_png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        xs, ys = ced_curve(np.asarray(result["errors"]), result["threshold"])
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot(xs * 100, ys, label=f"{result['model']} (AUC {result['auc']:.3f})")
+        ax.set_xlabel(f"NME ({result['norm']}) %")
+        ax.set_ylabel("fraction of images")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        t = time.perf_counter()
+        with atomic_path(ced_png, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        log_written(ced_png, t)

@@ -1,0 +1,208 @@
+"""Model presets. Each builds an `nn.Module` that carries its `ModelSpec`.
+
+Every model's `forward(x)` returns its raw output (heatmap logits `(N, K, h, w)` or
+coordinates `(N, 2K)`), and `decode(raw)` turns that into `(N, K, 2)` landmarks in model-input
+pixels. Exporters wrap the two so an exported file can return coordinates directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models.shufflenetv2 import ShuffleNetV2
+
+from flm.errors import UsageError
+from flm.spec import CropRule, ModelSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.5,), (0.25,)
+
+
+def soft_argmax(logits: torch.Tensor, input_size: int) -> torch.Tensor:
+    """Torch twin of `flm.geometry.soft_argmax` (sub-pixel, differentiable, exportable)."""
+    n, k, h, w = logits.shape
+    p = torch.softmax(logits.reshape(n, k, h * w), dim=-1).reshape(n, k, h, w)
+    xs = torch.arange(w, dtype=logits.dtype, device=logits.device)
+    ys = torch.arange(h, dtype=logits.dtype, device=logits.device)
+    x = (p.sum(dim=2) * xs).sum(dim=-1)
+    y = (p.sum(dim=3) * ys).sum(dim=-1)
+    stride = input_size / w
+    return (torch.stack([x, y], dim=-1) + 0.5) * stride - 0.5
+
+
+class LandmarkModel(nn.Module):
+    spec: ModelSpec
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.spec.output == "heatmap":
+            return soft_argmax(raw, self.spec.input_size)
+        s = self.spec.input_size
+        # regressors predict offsets from the crop centre in units of the crop side
+        return raw.reshape(raw.shape[0], -1, 2) * s + (s - 1) / 2.0
+
+
+def _deconv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _conv1x1(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+SHUFFLE_WIDTHS = {0.5: (24, 48, 96, 192), 1.0: (24, 116, 232, 464), 1.5: (24, 176, 352, 704),
+                  2.0: (24, 244, 488, 976)}
+
+
+class ShuffleNetHeatmap(LandmarkModel):
+    """ShuffleNetV2 trunk (no conv5) + two deconvolutions to stride 8, one heatmap per point.
+
+    Skip connections from the stride-16 and stride-8 stages give the head the fine detail
+    that deconvolving stride-32 features alone lacks; they cost ~60 k parameters.
+    """
+
+    def __init__(self, spec: ModelSpec, width: float = 1.0, head=(192, 128)):
+        super().__init__()
+        self.spec = spec
+        c = SHUFFLE_WIDTHS[width]
+        trunk = ShuffleNetV2([4, 8, 4], [*c, 1024])
+        if spec.channels != 3:
+            trunk.conv1[0] = nn.Conv2d(spec.channels, c[0], 3, 2, 1, bias=False)
+        self.stem = nn.Sequential(trunk.conv1, trunk.maxpool)
+        self.stage2, self.stage3, self.stage4 = trunk.stage2, trunk.stage3, trunk.stage4
+        self.up1, self.up2 = _deconv(c[3], head[0]), _deconv(head[0], head[1])
+        self.skip3, self.skip2 = _conv1x1(c[2], head[0]), _conv1x1(c[1], head[1])
+        self.out = nn.Conv2d(head[1], spec.num_points, 1)
+
+    def forward(self, x):
+        s2 = self.stage2(self.stem(x))
+        s3 = self.stage3(s2)
+        s4 = self.stage4(s3)
+        y = torch.relu(self.up1(s4) + self.skip3(s3))
+        y = torch.relu(self.up2(y) + self.skip2(s2))
+        return self.out(y)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.short = (nn.Identity() if stride == 1 and cin == cout else
+                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.short(x))
+
+
+class ResNetRegressor(LandmarkModel):
+    """ResNet-style trunk (7x7 stem, residual stages), global pooling, linear coordinate head."""
+
+    def __init__(self, spec: ModelSpec, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)):
+        super().__init__()
+        self.spec = spec
+        layers = [nn.Conv2d(spec.channels, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
+                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+        cin = widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
+                cin = w
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, 2 * spec.num_points)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class SimpleCNN(LandmarkModel):
+    """Seed 002: four conv + max-pool blocks, dropout, two fully connected layers."""
+
+    def __init__(self, spec: ModelSpec, hidden: int = 256):
+        super().__init__()
+        self.spec = spec
+        chans, blocks, cin = (32, 64, 128, 256), [], spec.channels
+        for i, c in enumerate(chans):
+            blocks += [nn.Conv2d(cin, c, (5, 3, 3, 3)[i], padding="same"), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2), nn.Dropout(0.1 * (i + 1))]
+            cin = c
+        side = spec.input_size // 16
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(cin * side * side, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                                  nn.Linear(hidden, 2 * spec.num_points))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    build: Callable[[ModelSpec, dict], LandmarkModel]
+    spec: ModelSpec  # at the default configuration
+    options: tuple[str, ...] = ()  # builder keyword options a user may set (e.g. width)
+
+
+def _spec(preset, points, scheme, size, channels, output, heatmap_stride=None) -> ModelSpec:
+    rgb = channels == 3
+    return ModelSpec(preset=preset, num_points=points, scheme=scheme, input_size=size, channels=channels,
+                     color_order="RGB" if rgb else "GRAY", mean=IMAGENET_MEAN if rgb else GRAY_MEAN,
+                     std=IMAGENET_STD if rgb else GRAY_STD, output=output,
+                     heatmap_size=size // heatmap_stride if heatmap_stride else None, crop=CropRule())
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("shufflenet-heatmap", "ShuffleNetV2 x1.0 trunk (no conv5), 2-deconv head, soft-argmax (default)",
+           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0)),
+           _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width",)),
+    Preset("resnet-regressor", "grayscale ResNet-18 layout at 1/2 width, coordinate head (fits 15 MB)",
+           lambda s, o: ResNetRegressor(s, widths=tuple(int(w * o.get("width", 0.5)) for w in (64, 128, 256, 512))),
+           _spec("resnet-regressor", 68, "ibug68", 128, 1, "coords"), ("width",)),
+    Preset("resnet18-regressor", "the seeds' full grayscale ResNet-18, 136 outputs (11.2 M, over 15 MB)",
+           lambda s, o: ResNetRegressor(s), _spec("resnet18-regressor", 68, "ibug68", 224, 1, "coords")),
+    Preset("resnet-eyes", "seed 001: half-width grayscale ResNet, 12 eye points (24 outputs)",
+           lambda s, o: ResNetRegressor(s, widths=(32, 64, 128, 256)),
+           _spec("resnet-eyes", 12, "eyes12", 96, 1, "coords")),
+    Preset("scn-98", "seed 000: 7x7 conv, residual blocks 64-128-256-512, pooling, FC head, 98 points",
+           lambda s, o: ResNetRegressor(s, blocks=(1, 1, 1, 1)), _spec("scn-98", 98, "wflw98", 112, 3, "coords")),
+    Preset("simple-cnn", "seed 002: four conv+pool blocks, dropout, two FC layers (grayscale)",
+           lambda s, o: SimpleCNN(s), _spec("simple-cnn", 68, "ibug68", 96, 1, "coords")),
+]}
+
+DEFAULT_PRESET = "shufflenet-heatmap"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UsageError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}",
+                         example="flm train --model shufflenet-heatmap")
+    return PRESETS[name]
+
+
+def build_model(name: str, img_size: int | None = None, options: dict | None = None,
+                spec: ModelSpec | None = None) -> LandmarkModel:
+    """Build preset `name`; `spec` (from a checkpoint) wins over `img_size`."""
+    preset = get_preset(name)
+    options = dict(options or {})
+    unknown = set(options) - set(preset.options)
+    if unknown:
+        raise UsageError(f"preset {name!r} has no option(s) {sorted(unknown)}; it accepts {list(preset.options)}")
+    if spec is None:
+        spec = preset.spec
+        if img_size is not None and img_size != spec.input_size:
+            if img_size % 32:
+                raise UsageError(f"--img-size must be a multiple of 32, got {img_size}",
+                                 example="flm train --img-size 128")
+            stride = spec.input_size // spec.heatmap_size if spec.heatmap_size else None
+            spec = spec.with_(input_size=img_size, heatmap_size=img_size // stride if stride else None)
+    return preset.build(spec, options)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

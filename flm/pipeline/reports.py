@@ -1,0 +1,79 @@
+"""PNG reports written next to a training run: loss / NME curves and a prediction grid."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from flm.fileio import atomic_path, log_written
+from flm.geometry import REGION_COLORS_BGR, point_regions
+from flm.pipeline.data import LandmarkDataset
+
+log = logging.getLogger("flm")
+
+
+def write_training_reports(out: Path, val_ds: LandmarkDataset, n_grid: int = 16) -> None:
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if history:
+            plot_curves(history, out / "curves.png")
+    if (out / "best.pt").is_file():
+        from flm.pipeline.checkpoint import load_model
+        prediction_grid(load_model(out / "best.pt"), val_ds, out / "predictions.png", n_grid)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [h["train_loss"] for h in history], marker="o")
+    a.set_title("training loss")
+    b.plot(ep, [100 * h["val_nme"] for h in history], marker="o", color="C1")
+    b.set_title("validation NME (inter-ocular) %")
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    t = time.perf_counter()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    log_written(path, t)
+
+
+def prediction_grid(model, ds: LandmarkDataset, path: Path, n: int = 16) -> None:
+    """Validation crops with ground truth (white) and predictions (coloured by face region)."""
+    from flm.pipeline.evaluate import point_subset, predict_crops
+    from flm.pipeline.augment import make_crop
+
+    idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)
+    sub = ds.subset(idx, "grid")
+    pred, gt = predict_crops(model, sub)
+    pidx = point_subset(model.spec, ds)
+    regions = point_regions(model.spec.num_points)
+    tiles, scale = [], 2
+    for j, s in enumerate(sub.samples):
+        pts = s.points if pidx is None else s.points[pidx]
+        crop, _ = make_crop(s.load(), pts, model.spec, None, None)
+        tile = cv2.resize(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), None, fx=scale, fy=scale)
+        for (gx, gy), (px, py), r in zip(gt[j], pred[j], regions):
+            cv2.circle(tile, (int(gx * scale), int(gy * scale)), 2, (255, 255, 255), -1, cv2.LINE_AA)
+            cv2.circle(tile, (int(px * scale), int(py * scale)), 2, REGION_COLORS_BGR[r], -1, cv2.LINE_AA)
+        tiles.append(tile)
+    cols = 4
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.vstack([np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)])
+    t = time.perf_counter()
+    with atomic_path(path, suffix=".png") as tmp:
+        ok, buf = cv2.imencode(".png", grid)
+        tmp.write_bytes(buf.tobytes())
+    log_written(path, t)

@@ -1,0 +1,231 @@
+"""`flm train`: fit a preset on a landmark dataset, on CPU by default.
+
+Checkpoints (`last.pt` every epoch, `best.pt` on a new best validation NME) are atomic and
+hold everything `--resume` needs to continue exactly: weights, optimiser, schedule, epoch,
+step within the epoch, history. Augmentation and shuffling are pure functions of
+(seed, epoch, index), so a resumed run sees the same batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from flm.errors import TrainingError, UsageError
+from flm.fileio import atomic_path
+from flm.geometry import gaussian_heatmaps, nme, normaliser
+from flm.pipeline.augment import AugmentConfig
+from flm.pipeline.checkpoint import read_checkpoint, save_checkpoint
+from flm.pipeline.data import LandmarkDataset
+from flm.pipeline.evaluate import CropDataset, point_subset, predict_crops
+from flm.pipeline.models import LandmarkModel, build_model, count_parameters
+
+log = logging.getLogger("flm")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "shufflenet-heatmap"
+    data: str = "synthetic"
+    val: str | None = None
+    val_fraction: float = 0.15
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    img_size: int | None = None
+    width: float | None = None
+    out: str = "runs/train"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 1
+    heatmap_weight: float = 0.5  # weight of the heatmap KL term next to the coordinate L1 term
+    heatmap_sigma: float = 1.0  # target Gaussian sigma, in heatmap cells
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    resume: str | None = None
+    skip_bad: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available", example="flm train --device auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: no Apple GPU is available", example="flm train --device auto")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device {name!r}", example="flm train --device auto")
+    return torch.device(name)
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) in an order fixed by (seed, epoch); can start mid-epoch."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        return iter([(int(i), self.epoch) for i in order[self.start:]])
+
+    def __len__(self):
+        return self.n - self.start
+
+
+def landmark_loss(model: LandmarkModel, raw: torch.Tensor, target: torch.Tensor, cfg: TrainConfig):
+    """L1 on coordinates (in heatmap cells / 8-pixel units) + KL to a Gaussian for heatmap models.
+
+    The coordinate term trains the soft-argmax the exported graph uses; the heatmap term keeps
+    each map a single sharp peak, which the expectation alone does not enforce.
+    """
+    spec = model.spec
+    pred = model.decode(raw)
+    unit = spec.input_size / spec.heatmap_size if spec.heatmap_size else 8.0
+    loss = (pred - target).abs().mean() / unit
+    if spec.output == "heatmap" and cfg.heatmap_weight > 0:
+        t = np.stack([gaussian_heatmaps(p, spec.heatmap_size, spec.input_size, cfg.heatmap_sigma)
+                      for p in target.detach().cpu().numpy()])
+        t = torch.from_numpy(t).to(raw.device).flatten(2)
+        logp = F.log_softmax(raw.flatten(2), dim=-1)
+        kl = (t * (torch.log(t.clamp_min(1e-12)) - logp)).sum(-1).mean()
+        loss = loss + cfg.heatmap_weight * kl
+    return loss
+
+
+def _val_nme(model, val: LandmarkDataset, device) -> float:
+    pred, gt = predict_crops(model, val, device=device)
+    # NME is invariant to the crop's similarity transform, so crop space gives the image-space value
+    return float(nme(pred, gt, normaliser(gt, "inter-ocular", model.spec.scheme)).mean())
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    with atomic_path(out / "metrics.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM ask training to stop at the next step boundary and save."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a resumable checkpoint after this step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, progress=None) -> dict:
+    """Train; returns a summary. `progress(epoch, step, steps, loss, val_nme)` is called as it goes."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"width": cfg.width} if cfg.width is not None else {}
+    model = build_model(cfg.model, cfg.img_size, options)
+    model.build_options = options
+    spec = model.spec.with_(training_data=train_ds.name)
+    model.spec = spec
+    model.to(device)
+
+    ds = CropDataset(train_ds, spec, cfg.augment, cfg.seed, point_subset(spec, train_ds))
+    sampler = EpochSampler(len(ds), cfg.seed)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=len(ds) > cfg.batch_size, persistent_workers=False)
+    steps_per_epoch = max(1, len(loader))
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = min(200, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    epoch, start_step, history, best = 0, 0, [], float("inf")
+    if cfg.resume:
+        ck = read_checkpoint(cfg.resume)
+        if "optimizer" not in ck:
+            raise UsageError(f"{cfg.resume}: holds no training state to resume from (a best.pt?); "
+                             "resume from last.pt", example=f"flm train --resume {out / 'last.pt'}")
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        epoch, start_step = int(ck["epoch"]), int(ck["step"])
+        history = json.loads(ck["history"])
+        best = float(ck["best_nme"])
+        torch.set_rng_state(ck["torch_rng"])
+        log.info("resumed from %s at epoch %d step %d", cfg.resume, epoch + 1, start_step)
+
+    def state(ep, st):
+        return dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=ep, step=st,
+                    history=json.dumps(history), best_nme=best, torch_rng=torch.get_rng_state(),
+                    config=json.dumps(asdict(cfg), default=str))
+
+    log.info("training %s (%s parameters) on %d faces, validating on %d, %s",
+             cfg.model, f"{count_parameters(model):,}", len(train_ds), len(val_ds), device)
+    t0, global_step, stopped = time.perf_counter(), epoch * steps_per_epoch + start_step, None
+    with _StopFlag() as stop:
+        while epoch < cfg.epochs and stopped is None:
+            model.train()
+            sampler.epoch, sampler.start = epoch, start_step * cfg.batch_size
+            losses, step = [], start_step
+            for x, target, _ in loader:
+                x, target = x.to(device), target.to(device)
+                loss = landmark_loss(model, model(x), target, cfg)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
+                                        f"stopped. The last good checkpoint is {out / 'last.pt'}. "
+                                        "Try a lower --lr.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                step += 1
+                global_step += 1
+                if progress:
+                    progress(epoch, step, steps_per_epoch, losses[-1], None)
+                if stop.signum is not None or (cfg.max_steps and global_step >= cfg.max_steps):
+                    stopped = "signal" if stop.signum is not None else "max-steps"
+                    break
+            if stopped == "signal":
+                save_checkpoint(out / "last.pt", model, **state(epoch, step))
+                break
+            val = _val_nme(model, val_ds, device)
+            rec = {"epoch": epoch + 1, "step": global_step, "train_loss": float(np.mean(losses)) if losses else None,
+                   "val_nme": val, "lr": sched.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 1)}
+            history.append(rec)
+            if progress:
+                progress(epoch, step, steps_per_epoch, rec["train_loss"], val)
+            epoch, start_step = epoch + 1, 0
+            if val < best:
+                best = val
+                save_checkpoint(out / "best.pt", model, epoch=epoch, val_nme=val)
+            save_checkpoint(out / "last.pt", model, **state(epoch, 0))
+            _write_metrics(out, history)
+    return {"out": str(out), "epochs_done": epoch, "best_val_nme": best, "history": history,
+            "stopped": stopped, "wall_s": time.perf_counter() - t0}

@@ -1,0 +1,122 @@
+"""The model spec: the one contract that travels with every flm model.
+
+Training writes it into the checkpoint, exporters write it into ONNX `metadata_props`
+(key `flm.spec`) and Core ML user metadata, and the runtime reads it back and refuses a
+file without it. Nothing about preprocessing is ever guessed from shapes or file names.
+
+Pure Python on purpose: the torch-free runtime imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from flm import __version__
+from flm.errors import SpecError
+
+SPEC_METADATA_KEY = "flm.spec"
+SPEC_FORMAT = "flm-spec/1"
+
+# Landmark schemes flm knows, with the indices apps and metrics rely on.
+SCHEMES: dict[str, dict] = {
+    "ibug68": {"points": 68, "outer_eyes": (36, 45), "pupils": None},
+    "wflw98": {"points": 98, "outer_eyes": (60, 72), "pupils": (96, 97)},
+    # the 12 eye points of ibug68 (36..47), in that order
+    "eyes12": {"points": 12, "outer_eyes": (0, 9), "pupils": None},
+}
+
+
+@dataclass(frozen=True)
+class CropRule:
+    """How a face crop is cut from an image, relative to a face box.
+
+    The box is the tight box of the landmarks during training (the challenge forbids a
+    detector there); the crop is a square of side `scale * max(w, h)` centred on the box
+    centre shifted by `shift_y * h`, resized to the model input. Pixels outside the
+    image are zero.
+    """
+
+    source: str = "landmark-box"
+    scale: float = 1.25
+    shift_y: float = 0.0
+    square: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str
+    num_points: int
+    scheme: str
+    input_size: int
+    channels: int  # 3 = colour, 1 = grayscale
+    color_order: str  # "RGB" or "GRAY": what the model input expects after decoding an image
+    mean: tuple[float, ...]  # per channel, on the 0..1 scale
+    std: tuple[float, ...]
+    output: str  # "heatmap" (K maps, decoded by soft-argmax) or "coords"
+    heatmap_size: int | None = None
+    crop: CropRule = field(default_factory=CropRule)
+    # Where coordinates live: pixel centres at integers, in the model input (0..input_size-1 span).
+    coords: str = "input-pixels"
+    flm_version: str = __version__
+    training_data: str = ""
+    licence: str = "Model weights: see the model card. Training data licences apply."
+    format: str = SPEC_FORMAT
+
+    def __post_init__(self):
+        if self.scheme in SCHEMES and SCHEMES[self.scheme]["points"] != self.num_points:
+            raise SpecError(f"spec: scheme {self.scheme!r} has {SCHEMES[self.scheme]['points']} points, "
+                            f"num_points is {self.num_points}")
+        if self.channels not in (1, 3):
+            raise SpecError(f"spec: channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise SpecError(f"spec: mean/std need {self.channels} values, got {self.mean} / {self.std}")
+        if self.output not in ("heatmap", "coords"):
+            raise SpecError(f"spec: output must be 'heatmap' or 'coords', got {self.output!r}")
+        if self.output == "heatmap" and not self.heatmap_size:
+            raise SpecError("spec: a heatmap model needs heatmap_size")
+        if self.color_order not in ("RGB", "BGR", "GRAY"):
+            raise SpecError(f"spec: color_order must be RGB, BGR or GRAY, got {self.color_order!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "spec") -> "ModelSpec":
+        if not isinstance(d, dict):
+            raise SpecError(f"{source}: the flm spec must be a JSON object, got {type(d).__name__}")
+        if d.get("format") != SPEC_FORMAT:
+            raise SpecError(f"{source}: spec format {d.get('format')!r} is not {SPEC_FORMAT!r}")
+        known = {f.name for f in fields(cls)}
+        required = {"preset", "num_points", "scheme", "input_size", "channels", "color_order",
+                    "mean", "std", "output"}
+        missing = sorted(required - d.keys())
+        if missing:
+            raise SpecError(f"{source}: spec lacks field(s) {', '.join(missing)}")
+        kw = {k: v for k, v in d.items() if k in known}
+        try:
+            kw["mean"], kw["std"] = tuple(float(v) for v in kw["mean"]), tuple(float(v) for v in kw["std"])
+            kw["crop"] = CropRule(**kw.get("crop", {}))
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"{source}: invalid spec: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "spec") -> "ModelSpec":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{source}: flm spec is not valid JSON ({e.msg} at char {e.pos})") from None
+        return cls.from_dict(d, source)
+
+    def with_(self, **changes) -> "ModelSpec":
+        return replace(self, **changes)
+
+    @property
+    def outer_eyes(self) -> tuple[int, int]:
+        return SCHEMES[self.scheme]["outer_eyes"]
