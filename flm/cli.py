@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from flm.errors import FlmError, UsageError
+from flm.ui import console, out as out_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train compact face-landmark models and ship them to the edge.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, check and generate landmark datasets.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out_console = Console()
 _state = {"debug": False}
 log = logging.getLogger("flm")
 
@@ -150,6 +148,30 @@ def evaluate(
         out_console.print("yaw bins: " + ", ".join(f"{k}: {100 * v:.2f} %" for k, v in result["yaw_bins"].items()
                                                    if v is not None)
                           + f"; mean {100 * result['yaw_balanced_nme']:.2f} %")
+
+
+# --------------------------------------------------------------------------- stage commands
+
+# Each stage package defines its own commands in `<stage>/commands.py` with a
+# `register(app, data_app)` function; a stage that is not there simply has no commands.
+STAGE_COMMANDS = ("flm.pipeline.data.commands", "flm.budgets.commands",
+                  "flm.exporters.commands", "flm.runtime.commands")
+
+
+def _register_stage_commands() -> None:
+    import importlib
+
+    for name in STAGE_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(app, data_app)
+
+
+_register_stage_commands()
 
 
 # --------------------------------------------------------------------------- entry point
