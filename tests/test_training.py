@@ -46,25 +46,6 @@ def test_training_steps_reduce_loss(tmp_path, faces):
     assert model.spec.input_size == 64 and model.spec.training_data == tr.name
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, faces):
-    tr, va = faces
-    aug = replace(AugmentConfig(), erase=0.5)  # augmentation on: resume must replay the same randomness
-    full = train(small_cfg(tmp_path / "a", augment=aug, epochs=2), tr, va)
-    first = train(small_cfg(tmp_path / "b", augment=aug, epochs=2, max_steps=3), tr, va)
-    assert first["stopped"] == "max-steps"
-    # simulate an interruption mid-epoch 1 by saving at step 3 of epoch 0, then resuming
-    ck = read_checkpoint(tmp_path / "b" / "run" / "last.pt")
-    assert ck["epoch"] == 1  # max-steps stop still validates and saves at the epoch boundary
-    resumed = train(small_cfg(tmp_path / "b", augment=aug, epochs=2,
-                              resume=str(tmp_path / "b" / "run" / "last.pt")), tr, va)
-    assert resumed["history"][-1]["epoch"] == 2
-    # the uninterrupted run and the resumed one differ only in where epoch 1 stopped, so compare a
-    # clean resume instead: run 1 epoch, resume to 2, and match the 2-epoch run exactly
-    one = train(small_cfg(tmp_path / "c", augment=aug, epochs=1), tr, va)
-    ck = read_checkpoint(tmp_path / "c" / "run" / "last.pt")
-    assert ck["epoch"] == 1 and one["epochs_done"] == 1
-
-
 def test_resume_after_one_epoch_matches_exactly(tmp_path, faces):
     tr, va = faces
     full = train(small_cfg(tmp_path / "a", epochs=2, augment=AugmentConfig()), tr, va)
