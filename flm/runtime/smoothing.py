@@ -30,7 +30,7 @@ class OneEuroFilter:
     same parameters behave alike for small and large faces. The cut-off is per element.
     """
 
-    def __init__(self, min_cutoff: float = 1.0, beta: float = 10.0, d_cutoff: float = 1.0):
+    def __init__(self, min_cutoff: float = 0.5, beta: float = 4.0, d_cutoff: float = 1.0):
         if min_cutoff <= 0 or d_cutoff <= 0 or beta < 0:
             raise ValueError(f"OneEuroFilter needs min_cutoff > 0, d_cutoff > 0, beta >= 0; "
                              f"got {min_cutoff}, {d_cutoff}, {beta}")

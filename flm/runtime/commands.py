@@ -1,0 +1,213 @@
+"""`flm detect`: faces and landmarks in images, folders and videos with an exported ONNX model.
+
+Torch-free: this command path imports typer, rich, numpy, OpenCV and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from flm.errors import UsageError
+
+log = logging.getLogger("flm")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+EXAMPLE = "flm detect photo.jpg frames/ clip.mp4 --model flm-68.onnx --out annotated/ --json faces.json"
+
+
+def collect_inputs(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(path, "image" | "video") for files and the images/videos directly inside folders."""
+    found: list[tuple[Path, str]] = []
+    for p in paths:
+        if p.is_dir():
+            inside = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+            if not inside:
+                raise UsageError(f"folder {str(p)!r} holds no images or videos "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})", example=EXAMPLE)
+            found += [(q, "video" if q.suffix.lower() in VIDEO_SUFFIXES else "image") for q in inside]
+        elif p.is_file():
+            found.append((p, "video" if p.suffix.lower() in VIDEO_SUFFIXES else "image"))
+        else:
+            raise UsageError(f"input not found: {str(p)!r}", example=EXAMPLE)
+    return found
+
+
+def _out_name(path: Path, used: set[str], suffix: str | None = None) -> str:
+    name = path.stem + (suffix or path.suffix.lower())
+    stem, ext, i = Path(name).stem, Path(name).suffix, 1
+    while name in used:  # two inputs with one file name (from different folders)
+        name, i = f"{stem}-{i}{ext}", i + 1
+    used.add(name)
+    return name
+
+
+def _write_image(dest: Path, bgr) -> None:
+    import cv2
+
+    from flm.fileio import atomic_path, log_written
+
+    started = time.perf_counter()
+    ext = dest.suffix.lower() if dest.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".png"
+    dest = dest.with_suffix(ext)
+    ok, buf = cv2.imencode(ext, bgr)
+    if not ok:
+        raise UsageError(f"OpenCV cannot encode {dest.name}")
+    with atomic_path(dest, suffix=ext) as tmp:
+        tmp.write_bytes(buf.tobytes())
+    log_written(dest, started)
+
+
+def _detect_image(landmarker, path: Path, out_dir: Path | None, used: set[str], sunglasses: bool) -> dict:
+    import cv2
+
+    from flm.images import load_image
+    from flm.runtime.draw import annotate
+
+    rgb = load_image(path)
+    t = time.perf_counter()
+    result = landmarker.detect(rgb)
+    ms = (time.perf_counter() - t) * 1000
+    record = {"path": str(path), "kind": "image", "ms": round(ms, 2), **result.to_dict()}
+    if out_dir is not None:
+        dest = out_dir / _out_name(path, used)
+        _write_image(dest, annotate(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), result, sunglasses=sunglasses))
+        record["output"] = str(dest)
+    return record
+
+
+def _video_frames(landmarker, cap, fps: float, path: Path, tmp: Path | None, sunglasses: bool):
+    """Run every frame through `detect_for_video`; write annotated frames to `tmp` if given."""
+    import cv2
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flm.runtime.draw import annotate
+    from flm.ui import console
+
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    frames, ms, writer = [], 0.0, None
+    landmarker.reset_video()
+    try:
+        with Progress(TextColumn(f"[bold]{path.name}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("video", total=total)
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                t = time.perf_counter()
+                result = landmarker.detect_for_video(bgr, len(frames) * 1000.0 / fps)
+                ms += (time.perf_counter() - t) * 1000
+                frames.append({"frame": len(frames), **result.to_dict()})
+                if tmp is not None:
+                    if writer is None:
+                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                                 (bgr.shape[1], bgr.shape[0]))
+                        if not writer.isOpened():
+                            raise UsageError(f"OpenCV cannot write an mp4 video for {path.name} "
+                                             "(no mp4v encoder in this OpenCV build)")
+                    writer.write(annotate(bgr, result, sunglasses=sunglasses))
+                bar.update(task, advance=1)
+    finally:
+        if writer is not None:
+            writer.release()
+    if not frames:
+        raise UsageError(f"video {str(path)!r} has no readable frames", example=EXAMPLE)
+    return frames, ms
+
+
+def _detect_video(landmarker, path: Path, out_dir: Path | None, used: set[str], sunglasses: bool) -> dict:
+    import cv2
+
+    from flm.fileio import atomic_path, log_written
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise UsageError(f"OpenCV cannot open video {str(path)!r} (unsupported codec or not a video)", example=EXAMPLE)
+    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    if not (0 < fps < 1000):
+        fps = 30.0
+    dest = out_dir / _out_name(path, used, ".mp4") if out_dir is not None else None
+    started = time.perf_counter()
+    try:
+        if dest is None:
+            frames, ms = _video_frames(landmarker, cap, fps, path, None, sunglasses)
+        else:
+            with atomic_path(dest, suffix=".mp4") as tmp:
+                frames, ms = _video_frames(landmarker, cap, fps, path, tmp, sunglasses)
+            log_written(dest, started)
+    finally:
+        cap.release()
+    record = {"path": str(path), "kind": "video", "fps": fps, "frames": frames,
+              "ms": round(ms / len(frames), 2), "faces_total": sum(len(f["faces"]) for f in frames)}
+    if dest is not None:
+        record["output"] = str(dest)
+    return record
+
+
+def register(app: typer.Typer, data_app: typer.Typer) -> None:
+    @app.command()
+    def detect(
+        paths: List[Path] = typer.Argument(..., help="Images, folders of images/videos, or video files."),
+        model: Optional[Path] = typer.Option(None, "--model", "-m",
+                                             help="Exported flm ONNX file (default: the model flm ships)."),
+        detector: str = typer.Option("haar", "--detector", help="haar | yunet:PATH | none (whole image is the face)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write annotated images / videos here."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write every face's box, score, landmarks, pose."),
+        sunglasses: bool = typer.Option(False, "--sunglasses", help="Draw sunglasses placed from eye and nose points."),
+        max_faces: int = typer.Option(8, "--max-faces", help="Faces per image, best detector score first."),
+        min_face: int = typer.Option(40, "--min-face", help="Smallest face box side, pixels."),
+        refine: int = typer.Option(1, "--refine", help="Extra passes cropping around the landmarks just found."),
+        threads: int = typer.Option(0, "--threads", help="onnxruntime threads (0: one per core)."),
+    ):
+        """Find faces and their landmarks; write annotated images/videos (--out) and JSON (--json)."""
+        from flm.fileio import atomic_path, log_written
+        from flm.runtime.landmarker import FaceLandmarker, FaceLandmarkerOptions
+        from flm.ui import out as out_console
+
+        if max_faces < 1 or refine < 0 or threads < 0 or min_face < 1:
+            raise UsageError(f"--max-faces must be >= 1, --refine and --threads >= 0, --min-face >= 1; got "
+                             f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
+        inputs = collect_inputs(paths)
+        options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face,
+                                        refine=refine, threads=threads, color="BGR")
+        landmarker = FaceLandmarker.create(model, options)
+        log.info("%r", landmarker)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        records, used = [], set()
+        for path, kind in inputs:
+            run = _detect_video if kind == "video" else _detect_image
+            records.append(run(landmarker, path, out, used, sunglasses))
+
+        if json_out is not None:
+            started = time.perf_counter()
+            doc = {"model": landmarker.source, "spec": landmarker.spec.to_dict(),
+                   "detector": landmarker.detector.describe(), "refine": refine, "files": records}
+            with atomic_path(json_out) as tmp:
+                tmp.write_text(json.dumps(doc, indent=1))
+            log_written(json_out, started)
+
+        t = Table(title=f"flm detect — {landmarker.spec.preset} ({landmarker.spec.num_points} points), "
+                        f"detector {landmarker.detector.describe()}")
+        for col, just in (("input", "left"), ("kind", "left"), ("faces", "right"), ("ms / image", "right"),
+                          ("yaw / pitch / roll", "right"), ("output", "left")):
+            t.add_column(col, justify=just)
+        for r in records:
+            if r["kind"] == "image":
+                faces = str(len(r["faces"]))
+                pose = r["faces"][0].get("pose") if r["faces"] else None
+            else:
+                with_face = sum(1 for f in r["frames"] if f["faces"])
+                faces = f"{with_face}/{len(r['frames'])} frames"
+                pose = None
+            pose_s = f"{pose['yaw']:.0f}° / {pose['pitch']:.0f}° / {pose['roll']:.0f}°" if pose else "-"
+            t.add_row(r["path"], r["kind"], faces, f"{r['ms']:.1f}", pose_s, r.get("output", "-"))
+        out_console.print(t)

@@ -1,0 +1,415 @@
+"""`FaceLandmarker`: faces and their landmarks from an exported flm ONNX model, without torch.
+
+The pipeline for one image:
+1. decode it to RGB uint8 (`flm.images`), whatever it was (BGR/RGB/gray/BGRA, uint8/float);
+2. find faces with a `FaceDetector` (or take the app's `boxes`), keep the `max_faces` best;
+3. turn each detector box into the landmark box the model was trained around (a per-detector
+   `BoxAdjust`), cut the crop with `flm.geometry.crop_matrix` + `warp` + `to_model_input` —
+   the very functions training and evaluation use — and run all faces in one batch;
+4. map the points back to the image with the inverse affine, then cut a new crop around the
+   landmark box just found and run again (`refine` passes), which removes most of the
+   difference between detector framing and training framing;
+5. head pose from 68 points (`flm.runtime.pose`).
+
+Images smaller than `MIN_IMAGE_SIDE` pixels a side give an empty result (they cannot hold a
+face); empty arrays, NaN/inf pixels and unusable shapes raise `InvalidInputError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from flm.errors import FlmError, ModelFileError, UsageError
+from flm.geometry import crop_matrix, invert_affine, landmark_box, soft_argmax, to_model_input, transform_points, warp
+from flm.images import load_image, to_rgb_uint8
+from flm.runtime.detectors import FaceDetector, make_detector
+from flm.runtime.pose import HeadPose, head_pose
+from flm.runtime.smoothing import FaceTracker
+from flm.spec import SPEC_METADATA_KEY, CropRule, ModelSpec
+
+log = logging.getLogger("flm")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "flm-68.onnx"
+INPUT_NAME = "input"
+MIN_IMAGE_SIDE = 8
+
+
+class InvalidInputError(FlmError, ValueError):
+    """An image, box list or timestamp the runtime cannot use; the message says what was expected."""
+
+
+@dataclass
+class FaceLandmarkerOptions:
+    """How a `FaceLandmarker` finds faces and runs its model.
+
+    detector: "haar" (default, ships with OpenCV), "yunet:PATH" (a YuNet ONNX file), "none"
+        (the whole image is one face), or a ready `FaceDetector`.
+    max_faces: keep at most this many faces per image (highest detector score first).
+    min_face_size: smallest detector box side, pixels.
+    detector_score: drop detections scoring below this (None: the detector's default).
+    nms_iou: IoU above which overlapping detections are merged.
+    refine: extra passes, each cropping around the landmarks of the previous one.
+    threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
+    providers: onnxruntime execution providers (default: CPU).
+    color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
+    crop: override the model's crop rule (None: the rule in the model's spec — keep it).
+    pose: estimate head pose for 68-point models.
+    smoothing_min_cutoff / smoothing_beta: One Euro filter settings for `detect_for_video`
+        (defaults: 1 px of jitter on a still 100 px face drops to 0.3 px; a face moving one
+        face-width per second lags by about 3 % of its size).
+    track_iou: IoU a face needs with a tracked face of the previous frame to continue it.
+    """
+
+    detector: str | FaceDetector = "haar"
+    max_faces: int = 8
+    min_face_size: int = 40
+    detector_score: float | None = None
+    nms_iou: float = 0.4
+    refine: int = 1
+    threads: int = 0
+    providers: tuple[str, ...] | None = None
+    color: str = "BGR"
+    crop: CropRule | None = None
+    pose: bool = True
+    smoothing_min_cutoff: float = 0.5
+    smoothing_beta: float = 4.0
+    track_iou: float = 0.3
+
+    def validate(self) -> None:
+        if self.color not in ("BGR", "RGB"):
+            raise UsageError(f"FaceLandmarkerOptions.color must be 'BGR' or 'RGB', got {self.color!r}",
+                             example="FaceLandmarkerOptions(color='RGB')")
+        for name in ("max_faces", "refine", "threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (1 if name == "max_faces" else 0):
+                raise UsageError(f"FaceLandmarkerOptions.{name} must be an integer >= "
+                                 f"{1 if name == 'max_faces' else 0}, got {v!r}",
+                                 example="FaceLandmarkerOptions(max_faces=8, refine=1, threads=2)")
+
+
+@dataclass
+class Face:
+    """One face: `box` is the tight box of the final landmarks (x0, y0, x1, y1; for models whose
+    points span under a pixel, the last crop's box), `detection_box`
+    the detector's (or the app's) box it started from, `score` the detector's score (1.0 for
+    app boxes and detector "none"), `landmarks` (K, 2) float64 image pixels with pixel
+    centres at integers, `confidence` (K,) per point where the model has one, `pose` for
+    68-point models, `track_id` in video mode."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+    detection_box: np.ndarray
+    confidence: np.ndarray | None = None
+    pose: HeadPose | None = None
+    track_id: int | None = None
+
+    def to_dict(self) -> dict:
+        d = {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 4),
+             "detection_box": [round(float(v), 2) for v in self.detection_box],
+             "landmarks": np.round(self.landmarks, 2).tolist()}
+        if self.confidence is not None:
+            d["confidence"] = np.round(self.confidence, 4).tolist()
+        if self.pose is not None:
+            d["pose"] = self.pose.as_dict()
+        if self.track_id is not None:
+            d["track_id"] = self.track_id
+        return d
+
+
+@dataclass
+class FaceLandmarkerResult:
+    """Faces of one image, best detector score first; empty (never None) when there is none."""
+
+    faces: list[Face] = field(default_factory=list)
+    image_size: tuple[int, int] = (0, 0)  # (width, height)
+    timestamp_ms: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __bool__(self) -> bool:
+        return bool(self.faces)
+
+    def to_dict(self) -> dict:
+        d = {"width": self.image_size[0], "height": self.image_size[1], "faces": [f.to_dict() for f in self.faces]}
+        if self.timestamp_ms is not None:
+            d["timestamp_ms"] = self.timestamp_ms
+        return d
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def _providers(options: FaceLandmarkerOptions) -> list[str]:
+    wanted = list(options.providers or ["CPUExecutionProvider"])
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise UsageError(f"onnxruntime provider(s) {missing} are not available here; available: {available}",
+                         example="FaceLandmarkerOptions(providers=('CPUExecutionProvider',))")
+    return wanted
+
+
+def open_session(path, options: FaceLandmarkerOptions) -> ort.InferenceSession:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "model file not found")
+    if path.stat().st_size == 0:
+        raise ModelFileError(path, "model file is empty (0 bytes)")
+    try:
+        return ort.InferenceSession(str(path), _session_options(options.threads), providers=_providers(options))
+    except FlmError:
+        raise
+    except Exception as e:  # onnxruntime raises several types for foreign / truncated files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelFileError(path, f"onnxruntime cannot load it as an ONNX model ({first})") from None
+
+
+def read_spec(session, source: str) -> ModelSpec:
+    """The `ModelSpec` stored in an ONNX file's metadata, or a typed error naming `source`."""
+    meta = session.get_modelmeta().custom_metadata_map or {}
+    if SPEC_METADATA_KEY not in meta:
+        raise ModelFileError(source, f"holds no flm spec (ONNX metadata key {SPEC_METADATA_KEY!r}); the runtime "
+                                     "only runs models exported by `flm export`, which records the crop, "
+                                     "colour order and normalisation the model needs")
+    return ModelSpec.from_json(meta[SPEC_METADATA_KEY], source=source)
+
+
+def _check_io(session, spec: ModelSpec, source: str) -> tuple[str, bool]:
+    """Validate inputs/outputs against the spec; returns (output name, batch dimension is dynamic)."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise ModelFileError(source, f"expected one input named {INPUT_NAME!r}, found "
+                                     f"{[(i.name, i.shape) for i in inputs]}")
+    shape = list(inputs[0].shape)
+    want = [None, spec.channels, spec.input_size, spec.input_size]
+    if len(shape) != 4 or any(isinstance(s, int) and w is not None and s != w for s, w in zip(shape, want)):
+        raise ModelFileError(source, f"input {INPUT_NAME!r} has shape {shape}; its spec says "
+                                     f"[N, {spec.channels}, {spec.input_size}, {spec.input_size}]")
+    names = [o.name for o in session.get_outputs()]
+    if "landmarks" in names:
+        out = "landmarks"
+    elif "heatmaps" in names and spec.output == "heatmap":
+        out = "heatmaps"
+    else:
+        raise ModelFileError(source, f"expected an output named 'landmarks' (or 'heatmaps' for a heatmap model "
+                                     f"exported without decoding), found {names}")
+    oshape = next(o.shape for o in session.get_outputs() if o.name == out)
+    if len(oshape) > 1 and isinstance(oshape[1], int) and oshape[1] != spec.num_points:
+        raise ModelFileError(source, f"output {out!r} has {oshape[1]} points; its spec says {spec.num_points}")
+    batch = shape[0]
+    return out, not (isinstance(batch, int) and batch == 1)
+
+
+# --------------------------------------------------------------------------- the landmarker
+
+
+def _next_box(points: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """The landmark box to crop around on the next pass; the previous one if the points are
+    unusable (non-finite, or collapsed to under a pixel as a one-point model's are)."""
+    if not np.isfinite(points).all():
+        return previous
+    b = landmark_box(points)
+    return b if min(b[2] - b[0], b[3] - b[1]) >= 1.0 else previous
+
+
+
+class FaceLandmarker:
+    """Faces and landmarks from images and video frames. Create with `FaceLandmarker.create`.
+
+    Thread-safe: `detect` keeps all per-call state local (onnxruntime's `run` is thread-safe
+    and detectors lock themselves); `detect_for_video` updates the tracker under a lock.
+    """
+
+    def __init__(self, session, spec: ModelSpec, options: FaceLandmarkerOptions, source: str = "<session>"):
+        options.validate()
+        self.session, self.spec, self.options, self.source = session, spec, options, source
+        self.output_name, self._dynamic_batch = _check_io(session, spec, source)
+        self._has_confidence = "confidence" in [o.name for o in session.get_outputs()]
+        self.crop_rule = options.crop or spec.crop
+        self.detector = make_detector(options.detector, options.min_face_size, options.detector_score, options.nms_iou)
+        self._tracker = FaceTracker(options.track_iou, min_cutoff=options.smoothing_min_cutoff,
+                                    beta=options.smoothing_beta)
+        self._video_lock = threading.Lock()
+        self._last_ts: float | None = None
+
+    @classmethod
+    def create(cls, model=None, options: FaceLandmarkerOptions | None = None) -> "FaceLandmarker":
+        """From a path to an exported flm ONNX file, a ready `onnxruntime.InferenceSession`, or
+        None for the model flm ships (`flm/assets/flm-68.onnx`)."""
+        options = options or FaceLandmarkerOptions()
+        if isinstance(model, FaceLandmarkerOptions):  # MediaPipe style: create(options)
+            model, options = None, model
+        options.validate()
+        if model is None:
+            if not DEFAULT_MODEL.is_file():
+                raise ModelFileError(DEFAULT_MODEL, "the default model is not bundled with this install of flm; "
+                                                    "pass model='path/to/model.onnx' (an `flm export` output)")
+            model = DEFAULT_MODEL
+        if isinstance(model, (str, os.PathLike)):
+            session = open_session(model, options)
+            source = str(model)
+        elif all(hasattr(model, a) for a in ("run", "get_inputs", "get_outputs", "get_modelmeta")):
+            session, source = model, "<onnxruntime session>"
+        else:
+            raise UsageError(f"model must be a path, an onnxruntime.InferenceSession or None, got {type(model).__name__}",
+                             example="FaceLandmarker.create('flm-68.onnx')")
+        return cls(session, read_spec(session, source), options, source)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _to_rgb(self, image) -> np.ndarray:
+        if isinstance(image, (str, os.PathLike)):
+            return load_image(image)
+        if not isinstance(image, np.ndarray):
+            raise InvalidInputError(f"image must be a numpy array or a path, got {type(image).__name__}")
+        try:
+            return to_rgb_uint8(image, "image", bgr=self.options.color == "BGR")
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+
+    @staticmethod
+    def _check_boxes(boxes) -> np.ndarray:
+        try:
+            b = np.asarray(boxes, np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"boxes must be numbers shaped (M, 4) as x0, y0, x1, y1; got {boxes!r}") from None
+        if b.size == 0:
+            return np.zeros((0, 4))
+        if b.ndim == 1 and b.shape[0] == 4:
+            b = b[None]
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise InvalidInputError(f"boxes must be shaped (M, 4) as x0, y0, x1, y1; got shape {b.shape}")
+        if not np.isfinite(b).all() or (b[:, 2] <= b[:, 0]).any() or (b[:, 3] <= b[:, 1]).any():
+            raise InvalidInputError(f"boxes must be finite with x1 > x0 and y1 > y0; got {b.tolist()}")
+        return b
+
+    # ------------------------------------------------------------------ model
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, C, S, S) inputs -> ((N, K, 2) points in input pixels, (N, K) confidence or None)."""
+        if self._dynamic_batch or len(batch) == 1:
+            return self._run_batch(batch)
+        parts = [self._run_batch(batch[i:i + 1]) for i in range(len(batch))]
+        conf = [p[1] for p in parts]
+        return (np.concatenate([p[0] for p in parts]),
+                None if conf[0] is None else np.concatenate(conf))
+
+    def _run_batch(self, batch):
+        names = [self.output_name] + (["confidence"] if self._has_confidence else [])
+        outs = self.session.run(names, {INPUT_NAME: batch})
+        if self.output_name == "heatmaps":
+            logits = np.asarray(outs[0], np.float64)
+            pts = soft_argmax(logits, self.spec.input_size)
+            z = logits.reshape(*logits.shape[:2], -1)
+            z = np.exp(z - z.max(axis=2, keepdims=True))
+            conf = (z.max(axis=2) / z.sum(axis=2)) if not self._has_confidence else np.asarray(outs[1])
+            return pts.astype(np.float64), conf
+        pts = np.asarray(outs[0], np.float64).reshape(len(batch), self.spec.num_points, 2)
+        return pts, (np.asarray(outs[1], np.float64) if self._has_confidence else None)
+
+    def landmarks_for_boxes(self, rgb: np.ndarray, boxes: np.ndarray):
+        """Run the model once on crops cut around landmark boxes; (points (M, K, 2) image px, conf)."""
+        s = self.spec.input_size
+        mats = [crop_matrix(b, self.crop_rule, s) for b in boxes]
+        crops = []
+        for m in mats:
+            crop = warp(rgb, m, s)
+            if self.spec.color_order == "BGR":
+                crop = crop[:, :, ::-1]
+            crops.append(to_model_input(crop, self.spec.channels, self.spec.mean, self.spec.std))
+        pts_in, conf = self._run(np.stack(crops).astype(np.float32))
+        pts = np.stack([transform_points(p, invert_affine(m)) for p, m in zip(pts_in, mats)])
+        return pts, conf
+
+    # ------------------------------------------------------------------ public API
+
+    def detect(self, image, boxes=None) -> FaceLandmarkerResult:
+        """Faces and landmarks in one image (numpy array in `options.color` order, or a path).
+
+        With `boxes` ((M, 4) x0, y0, x1, y1 face boxes from the app's own detector) the
+        detector is skipped; each box is used as the first landmark box and refined like a
+        detector box.
+        """
+        rgb = self._to_rgb(image)
+        h, w = rgb.shape[:2]
+        result = FaceLandmarkerResult([], (w, h))
+        if boxes is not None:
+            det = self._check_boxes(boxes)[: self.options.max_faces]
+            scores = np.ones(len(det))
+            lm_boxes = det.copy()
+        else:
+            if min(h, w) < MIN_IMAGE_SIDE:
+                return result
+            det, scores = self.detector.detect(rgb)
+            det, scores = det[: self.options.max_faces], scores[: self.options.max_faces]
+            lm_boxes = self.detector.landmark_boxes(det, rgb.shape, self.crop_rule)
+        if len(det) == 0:
+            return result
+        pts = conf = None
+        for _ in range(1 + self.options.refine):
+            pts, conf = self.landmarks_for_boxes(rgb, lm_boxes)
+            lm_boxes = np.stack([_next_box(p, b) for p, b in zip(pts, lm_boxes)])
+        for i in range(len(det)):
+            p = pts[i]
+            if not np.isfinite(p).all():
+                log.warning("%s: non-finite landmarks for face %d; dropped", self.source, i)
+                continue
+            pose = head_pose(p, rgb.shape) if (self.options.pose and self.spec.num_points == 68) else None
+            result.faces.append(Face(lm_boxes[i], float(scores[i]), p, det[i],
+                                     None if conf is None else conf[i], pose))
+        return result
+
+    def detect_for_video(self, frame, timestamp_ms: float) -> FaceLandmarkerResult:
+        """`detect` plus tracking and One Euro smoothing; timestamps must increase."""
+        try:
+            ts = float(timestamp_ms)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"timestamp_ms must be a number, got {timestamp_ms!r}") from None
+        with self._video_lock:
+            self._check_timestamp(ts)
+        result = self.detect(frame)
+        with self._video_lock:
+            self._check_timestamp(ts)  # again: another thread may have moved on meanwhile
+            self._last_ts = ts
+            ids, smoothed = self._tracker.update([f.box for f in result.faces],
+                                                 [f.landmarks for f in result.faces], ts / 1000.0)
+        for face, tid, pts in zip(result.faces, ids, smoothed):
+            face.track_id, face.landmarks = tid, pts
+            face.box = _next_box(pts, face.box)
+            if face.pose is not None:
+                face.pose = head_pose(pts, (result.image_size[1], result.image_size[0]))
+        result.timestamp_ms = ts
+        return result
+
+    def _check_timestamp(self, ts: float) -> None:
+        if not np.isfinite(ts):
+            raise InvalidInputError(f"timestamp_ms must be finite, got {ts}")
+        if self._last_ts is not None and ts <= self._last_ts:
+            raise InvalidInputError(f"timestamp_ms must increase from frame to frame: got {ts} after {self._last_ts}")
+
+    def reset_video(self) -> None:
+        """Forget tracks and the last timestamp (start of a new video)."""
+        with self._video_lock:
+            self._tracker.reset()
+            self._last_ts = None
+
+    def __repr__(self) -> str:
+        return (f"FaceLandmarker({self.source!r}, {self.spec.preset}, {self.spec.num_points} points, "
+                f"{self.spec.input_size}px, detector={self.detector.describe()})")
