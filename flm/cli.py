@@ -115,7 +115,7 @@ def _refuse_over_budget(model: str, img_size, width, budget: str) -> None:
         return
     ok, message = preset_fits(model, img_size=img_size, width=width, budget=budget)
     if not ok:
-        raise UsageError(message, example=f"flm train --model {model} --ignore-budget   (or a smaller --width)")
+        raise UsageError(message, example=f"flm train --model {model} --ignore-budget")
 
 
 @app.command()
