@@ -184,9 +184,11 @@ def main(argv=None) -> int:
     except FlmError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # messages quote values like "[nan, 1.0]": not markup
+
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         if e.example:
-            console.print(f"  example: {e.example}", highlight=False, soft_wrap=True)
+            console.print(f"  example: {escape(e.example)}", highlight=False, soft_wrap=True)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code

@@ -1,0 +1,201 @@
+"""`flm data ...`: check, describe and generate landmark datasets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from flm.errors import DatasetError, FlmError, UsageError
+from flm.ui import console, out
+
+log = logging.getLogger("flm")
+
+
+def register(app: typer.Typer, data_app: typer.Typer) -> None:
+    data_app.command("check")(check)
+    data_app.command("info")(info)
+    data_app.command("synth")(synth)
+    data_app.command("formats")(formats)
+
+
+# --------------------------------------------------------------------------- check
+
+
+def check(spec: str = typer.Argument(..., help="FORMAT:PATH, e.g. udacity:../shared/data/youtube-faces-68"),
+          skip_bad: bool = typer.Option(False, "--skip-bad", help="Bad samples are expected: exit 0 if "
+                                        "usable samples remain (they are still listed)."),
+          workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Threads decoding images."),
+          limit: int = typer.Option(50, help="Show at most this many problems (all are counted).")):
+    """Read every annotation and decode every image; list every bad row or file.
+
+    Exits non-zero if anything is bad (with --skip-bad: only if nothing usable is left).
+    """
+    from flm.pipeline.data import READERS, _load_readers, check_points, open_dataset
+
+    _load_readers()
+    fmt, _, path = spec.partition(":")
+    if fmt not in READERS or (fmt != "synthetic" and (not path or not Path(path).exists())):
+        open_dataset(spec)  # raises the usual error, with an example
+    try:  # the reader itself, not open_dataset: a set where every sample is bad still lists why
+        ds = READERS[fmt][0](path, skip_bad=True)
+    except DatasetError as e:  # a whole-file problem: one row, then stop
+        _problem_table([(_where(e), e.problem)], 1, limit)
+        raise FlmError(f"{spec}: unusable ({e})") from None
+    ds.name = spec
+    problems = [_split(reason) for reason in ds.skipped]
+
+    def decode(item):
+        i, s = item
+        source = s.meta.get("source") or f"{spec} sample {i}"
+        try:
+            img = s.load()
+            check_points(s.points, ds.num_points, source, s.line, image_size=(img.shape[1], img.shape[0]))
+            return img.shape[1], img.shape[0], None
+        except DatasetError as e:
+            where = f"{source}:{s.line}" if s.line is not None else source
+            what = e.problem if e.path == source else f"{e.path}: {e.problem}"
+            return None, None, (where, what)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    sizes = []
+    with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("decode", total=len(ds))
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for w, h, problem in pool.map(decode, enumerate(ds.samples)):
+                if problem:
+                    problems.append(problem)
+                else:
+                    sizes.append((w, h))
+                bar.advance(task)
+    good = len(sizes)
+    if problems:
+        _problem_table(sorted(problems, key=_order), len(problems), limit)
+    summary = Table(title=f"data check {escape(spec)}", show_header=False)
+    summary.add_row("format / scheme", f"{fmt} / {_scheme(ds)}")
+    summary.add_row("samples read", str(len(ds) + len(ds.skipped)))
+    summary.add_row("good", f"[green]{good}")
+    summary.add_row("bad", f"[red]{len(problems)}" if problems else "0")
+    if sizes:
+        a = np.array(sizes)
+        summary.add_row("image sizes", f"{a[:, 0].min()}..{a[:, 0].max()} x {a[:, 1].min()}..{a[:, 1].max()} px")
+    out.print(summary)
+    if problems and (not skip_bad or good == 0):
+        hint = " (use --skip-bad to train on the good ones)" if good else ""
+        raise FlmError(f"{spec}: {len(problems)} bad sample(s) of {good + len(problems)}{hint}")
+
+
+def _problem_table(rows, total: int, limit: int) -> None:
+    t = Table(title=f"{total} problem(s)" + (f", first {limit} shown" if total > limit else ""))
+    t.add_column("#", justify="right")
+    t.add_column("where (file:line)", overflow="fold")
+    t.add_column("problem", overflow="fold")
+    for k, (where, what) in enumerate(rows[:limit], start=1):
+        t.add_row(str(k), Text(where), Text(what))  # Text: never read as rich markup
+    out.print(t)
+
+
+def _order(problem):
+    """Sort key: file, then line number as a number."""
+    file, _, line = problem[0].rpartition(":")
+    return (file, int(line), problem[1]) if line.isdigit() else (problem[0], -1, problem[1])
+
+
+def _scheme(ds) -> str:
+    from flm.spec import SCHEMES
+
+    return f"{ds.scheme} ({SCHEMES[ds.scheme]['points'] if ds.scheme in SCHEMES else ds.num_points} points)"
+
+
+def _where(e: DatasetError) -> str:
+    return f"{e.path}:{e.line}" if e.line is not None else e.path
+
+
+def _split(reason: str) -> tuple[str, str]:
+    """A skipped reason 'FILE:LINE: problem' or 'FILE: problem' -> (where, problem)."""
+    m = re.match(r"^(.*?:\d+): (.*)$", reason, re.S) or re.match(r"^(.*?): (.*)$", reason, re.S)
+    return (m.group(1), m.group(2)) if m else ("", reason)
+
+
+# --------------------------------------------------------------------------- info
+
+
+def info(spec: str = typer.Argument(..., help="FORMAT:PATH"),
+         skip_bad: bool = typer.Option(False, "--skip-bad")):
+    """Count, identities, scheme, points and image sizes (from headers; nothing decoded)."""
+    from flm.images import image_size
+    from flm.pipeline.data import open_dataset
+
+    ds = open_dataset(spec, skip_bad=skip_bad)
+    sizes = []
+    for s in ds.samples:
+        if callable(s.image):
+            size = getattr(s.image, "size", None) or s.load().shape[1::-1]
+        else:
+            size = image_size(s.image) or s.load().shape[1::-1]
+        sizes.append(size)
+    a = np.array(sizes)
+    ids = {s.identity for s in ds.samples if s.identity}
+    t = Table(title=f"data info {escape(spec)}", show_header=False)
+    t.add_row("samples", str(len(ds)))
+    t.add_row("identities", f"{len(ids)}" + ("" if ds.has_identities() else
+                                             " (not all samples have one: no identity split; pass --val)"))
+    t.add_row("scheme", _scheme(ds))
+    t.add_row("image width", f"{a[:, 0].min()}..{a[:, 0].max()} px (median {int(np.median(a[:, 0]))})")
+    t.add_row("image height", f"{a[:, 1].min()}..{a[:, 1].max()} px (median {int(np.median(a[:, 1]))})")
+    t.add_row("face boxes", "given" if all(s.box is not None for s in ds.samples) else "from the landmarks")
+    yaws = [s.meta["yaw"] for s in ds.samples if "yaw" in s.meta]
+    if yaws:
+        t.add_row("yaw", f"{min(yaws):.1f}..{max(yaws):.1f} deg")
+    if ds.skipped:
+        t.add_row("skipped", f"[red]{len(ds.skipped)}[/] (see `flm data check {escape(spec)}`)")
+    out.print(t)
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def synth(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write (images/ + landmarks.csv)."),
+          n: int = typer.Option(1200, "-n", help="Number of faces (4 per identity)."),
+          seed: int = typer.Option(0, "--seed")):
+    """Write the built-in synthetic faces in the Udacity CSV layout (read back with udacity:DIR)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from flm.pipeline.data.synthetic import synthetic_dataset, write_udacity
+
+    if n < 1 or seed < 0:
+        raise UsageError(f"-n must be >= 1 and --seed >= 0 (got -n {n}, --seed {seed})",
+                         example="flm data synth --out data/synth -n 1200 --seed 0")
+    ds = synthetic_dataset(n, seed)
+    with Progress(TextColumn("writing faces"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("synth", total=n)
+        write_udacity(ds, out_dir, progress=lambda done, total: bar.update(task, completed=done))
+    out.print(f"wrote {n} faces ({(n + 3) // 4} identities) to {out_dir}; use it as udacity:{out_dir}",
+              markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def formats():
+    """The dataset formats flm reads, with an example FORMAT:PATH for each."""
+    from flm.pipeline.data import READERS, _load_readers
+
+    _load_readers()
+    t = Table(title="dataset formats (name a dataset as FORMAT:PATH)")
+    t.add_column("format")
+    t.add_column("example", overflow="fold")
+    t.add_column("what it reads", overflow="fold")
+    for name, (_, example, description) in sorted(READERS.items()):
+        t.add_row(name, example, description)
+    out.print(t)
