@@ -1,6 +1,5 @@
 """`flm data check / info / synth / formats` through the real command line entry point."""
 
-import numpy as np
 import pytest
 
 import flm.ui
@@ -102,5 +101,4 @@ def test_info_on_the_builtin_set(capsys):
     assert code == 0, err
     assert "│ samples      │ 12 " in out and "│ identities   │ 3 " in out and "yaw" in out
     sizes = [int(v) for v in out.split("image width")[1].split("px")[0].replace("..", " ").split() if v.isdigit()]
-    assert 192 <= min(sizes) and max(sizes) <= 256
-    assert np.isfinite(sizes).all()
+    assert len(sizes) >= 2 and 192 <= min(sizes) and max(sizes) <= 256

@@ -609,3 +609,37 @@ def test_pts_valid_files_parse_exactly(fuzz_dir, pts):
     raw, where = parse_pts(path)
     np.testing.assert_array_equal(raw, np.array(pts))
     assert where == list(range(4, 72))
+
+
+_xml_bits = st.sampled_from([
+    "<dataset>", "</dataset>", "<images>", "</images>", "<image file='a_1.png'>", "<image>", "</image>",
+    "<box top='1' left='2' width='50' height='40'>", "<box top='x'>", "<box ignore='1'>", "</box>",
+    "<part name='00' x='1' y='2'/>", "<part name='67' x='nan' y='2'/>", "<part name='99' x='1' y='1'/>",
+    "<part x='1'/>", "<?xml version='1.0' encoding='bogus'?>", "<?xml version='1.0' encoding='UTF-16'?>", "<!DOCTYPE d>", "<!ENTITY e 'x'>", "&e;", "<?xml version='1.0'?>", "<", ">", "'", "\x00",
+])
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(st.one_of(_xml_bits, st.text(max_size=10)), max_size=30), skip=st.booleans())
+def test_ibug_xml_garbage_only_ever_raises_dataset_error(fuzz_dir, parts, skip):
+    from flm.pipeline.data.formats import read_ibug_xml
+
+    path = fuzz_dir / "f.xml"
+    path.write_bytes("".join(parts).encode("utf-8", "surrogatepass"))
+    try:
+        read_ibug_xml(str(path), skip_bad=skip)
+    except DatasetError as e:
+        assert e.path in (str(path), str(fuzz_dir / "a_1.png"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(lines=st.lists(st.one_of(_line, st.lists(_cell, min_size=200, max_size=210).map(
+    lambda c: " ".join(v.replace(" ", "") or "0" for v in c) + " images/a_1.png")), max_size=4), skip=st.booleans())
+def test_wflw_garbage_only_ever_raises_dataset_error(fuzz_dir, lines, skip):
+    path = fuzz_dir / "wflw.txt"
+    path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))
+    try:
+        ds = open_dataset(f"wflw:{path}", skip_bad=skip)
+    except DatasetError:
+        return
+    assert all(s.points.shape == (98, 2) for s in ds.samples)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +15,6 @@ from rich.text import Text
 
 from flm.errors import DatasetError, FlmError, UsageError
 from flm.ui import console, out
-
-log = logging.getLogger("flm")
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:

@@ -224,6 +224,8 @@ def _parse_dlib_xml(path: Path) -> list[dict]:
     except expat.ExpatError as e:
         raise DatasetError(path, f"malformed XML: {expat.ErrorString(e.code)} (column {e.offset})",
                            e.lineno) from None
+    except (LookupError, ValueError) as e:  # an unknown or unsupported declared encoding
+        raise DatasetError(path, f"cannot decode the XML: {e}", p.CurrentLineNumber) from None
     except OSError as e:
         raise DatasetError(path, f"cannot read: {e.strerror or e}") from None
     return boxes
