@@ -210,6 +210,20 @@ def test_load_image_gray_bgra_16bit_and_palette(tmp_path):
     assert load_image(tmp_path / "dg.png")[0, 0].tolist() == [128, 128, 128]
 
 
+@pytest.mark.parametrize("ext, params", [(".png", []), (".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+                                         (".bmp", []), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+                                         (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80])])
+def test_image_size_from_headers_matches_decoding(tmp_path, ext, params):
+    from flm.images import image_size
+
+    img = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    ok, data = cv2.imencode(ext, img, params)
+    assert ok
+    path = tmp_path / f"x{ext}"
+    data.tofile(str(path))
+    assert image_size(path) == (53, 37) == load_image(path).shape[1::-1]
+
+
 def test_load_image_refuses_missing_and_empty_files(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_image(tmp_path / "nope.jpg", 7)
