@@ -1,0 +1,114 @@
+"""ONNX export: every preset exports, re-opens from disk and matches PyTorch to <= 0.01 px; the
+file carries its spec, has a dynamic batch, is a single file, and runs where torch cannot load."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from flm.cli import main
+from flm.exporters import BATCH_AXIS, HEATMAPS, INPUT, LANDMARKS, TARGETS
+from flm.exporters.commands import export_target
+from flm.exporters.parity import MAX_DISPLACEMENT_PX, make_inputs
+from flm.pipeline.checkpoint import load_model
+from flm.pipeline.models import PRESETS
+from flm.spec import SPEC_METADATA_KEY, ModelSpec
+
+from tests.export_helpers import random_checkpoint
+
+ONNX = TARGETS["onnx"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """preset -> (checkpoint, exported model.onnx, report), each exported once per module."""
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            root = tmp_path_factory.mktemp(preset)
+            ckpt = random_checkpoint(root / "best.pt", preset)
+            model = load_model(ckpt)
+            inputs = make_inputs(model.spec, 2)
+            final = root / "export" / "model.onnx"
+            report = export_target(model, ONNX, final, inputs, {"decode": True, "opset": 18}, str(ckpt))
+            cache[preset] = (ckpt, final, report)
+        return cache[preset]
+
+    return get
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_exports_and_matches_pytorch(exports, preset):
+    ckpt, final, report = exports(preset)
+    assert report.passed, report.summary()
+    assert report.displacement_px <= MAX_DISPLACEMENT_PX
+    assert report.runner.startswith("onnxruntime") and report.path == str(final)
+    names = [o.name for o in report.outputs]
+    assert names == ([LANDMARKS, HEATMAPS] if PRESETS[preset].spec.output == "heatmap" else [LANDMARKS])
+    # published atomically: only the final file, no temporaries, no failed copy, no external data
+    assert sorted(p.name for p in final.parent.iterdir()) == ["model.onnx"]
+
+
+def test_file_carries_spec_names_and_dynamic_batch(exports):
+    ckpt, final, _ = exports("shufflenet-heatmap")
+    proto = onnx.load(str(final))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    spec = ModelSpec.from_json(meta[SPEC_METADATA_KEY])
+    assert spec == load_model(ckpt).spec
+    assert json.loads(meta["flm.outputs"]) == [LANDMARKS, HEATMAPS]
+    assert meta["author"] == "flm" and meta["licence"] and meta["training_data"]
+    assert [i.name for i in proto.graph.input] == [INPUT]
+    for value in [*proto.graph.input, *proto.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == BATCH_AXIS, value.name
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 128, 128]
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def test_runs_in_a_fresh_interpreter_without_torch(exports, tmp_path):
+    """The runtime's world: numpy + onnxruntime + flm.spec, with `import torch` failing."""
+    ckpt, final, _ = exports("shufflenet-heatmap")
+    model = load_model(ckpt)
+    x = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        raw = model(x)
+        expected = model.decode(raw)
+    np.savez(tmp_path / "io.npz", x=x.numpy(), landmarks=expected.numpy(), heatmaps=raw.numpy())
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        sys.modules["coremltools"] = None
+        import numpy as np, onnxruntime as ort
+        from flm.spec import ModelSpec
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("torch was importable")
+        sess = ort.InferenceSession({str(final)!r}, providers=["CPUExecutionProvider"])
+        spec = ModelSpec.from_json(sess.get_modelmeta().custom_metadata_map["flm.spec"])
+        io = np.load({str(tmp_path / "io.npz")!r})
+        for n in (1, 3):  # the dynamic batch axis
+            lm, hm = sess.run(["landmarks", "heatmaps"], {{"input": io["x"][:n]}})
+            assert lm.shape == (n, spec.num_points, 2) and hm.shape == (n, spec.num_points, 16, 16)
+            err = float(np.abs(lm - io["landmarks"][:n]).max())
+            assert err < 1e-3, err
+        print("ok", spec.preset, err)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("ok shufflenet-heatmap")
+
+
+def test_opset_below_18_is_refused_before_any_work(tmp_path, capsys):
+    ckpt = random_checkpoint(tmp_path / "best.pt", "simple-cnn")
+    assert main(["export", str(ckpt), "--target", "onnx", "--opset", "17", "--out", str(tmp_path / "x")]) == 2
+    assert "--opset 17" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
