@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")):
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 logs progress
+        level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
 
@@ -42,6 +45,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: str = typer.Option("shufflenet-heatmap", "--model", "-m", help="Preset name (see `flm models`)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="FORMAT:PATH; default: the built-in synthetic set."),
     val: Optional[str] = typer.Option(None, "--val", help="FORMAT:PATH for validation; default: identity split of --data."),
@@ -61,8 +65,13 @@ def train(
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad samples instead of stopping."),
     synthetic_n: int = typer.Option(1200, "--synthetic-n", help="Faces in the default synthetic set."),
+    nproc: int = typer.Option(1, "--nproc", help="Train in N processes on this machine (runs this command "
+                              "under torchrun; --batch-size is per process)."),
 ):
     """Train a landmark model; writes best.pt, last.pt, metrics.jsonl and PNG reports to --out."""
+    if nproc != 1:
+        _relaunch_under_torchrun(ctx, nproc)
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun
     from flm.pipeline.data import open_dataset
     from flm.pipeline.evaluate import mean_shape_baseline
     from flm.pipeline.models import build_model, get_preset
@@ -89,7 +98,8 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     with Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(cfg.epochs)), BarColumn(),
                   TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}  val NME {task.fields[nme]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+                  disable=rank != 0) as bar:
         task = bar.add_task("train", total=None, epoch=1, loss=0.0, nme="-")
 
         def progress(epoch, step, steps, loss, val_nme):
@@ -100,12 +110,36 @@ def train(
 
         summary = run_train(cfg, train_ds, val_ds, progress)
     summary["baseline_nme"] = baseline
+    if rank != 0:  # under torchrun only rank 0 writes and reports
+        raise typer.Exit(130 if summary["stopped"] == "signal" else 0)
     write_training_reports(Path(out), val_ds)
     if summary["stopped"] == "signal":
         console.print(f"[yellow]stopped by signal; resume with: flm train --resume {out / 'last.pt'} ...")
         raise typer.Exit(130)
     out_console.print(f"best validation NME {100 * summary['best_val_nme']:.2f} % "
                       f"(mean-shape baseline {100 * baseline:.2f} %), {summary['wall_s']:.0f} s -> {out / 'best.pt'}")
+
+
+def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> None:
+    """`flm train --nproc N`: run this same command in N processes on this machine with torchrun."""
+    import subprocess
+
+    if nproc < 1:
+        raise UsageError(f"--nproc {nproc}: expected a number of processes >= 1",
+                         example="flm train --nproc 2 --data udacity:DIR")
+    if "RANK" in os.environ:
+        raise UsageError("--nproc launches torchrun itself; this process already runs under torchrun",
+                         example="torchrun --nproc-per-node 2 -m flm.cli train --data udacity:DIR")
+    args = [f"--{name}" for name in ("debug", "quiet") if ctx.parent.params.get(name)] + ["train"]
+    for p in ctx.command.params:
+        value = ctx.params[p.name]
+        if p.name == "nproc" or value is None or value is False:
+            continue
+        args += [p.opts[0]] if value is True else [p.opts[0], str(value)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "flm.cli", *args]
+    log.info("running: %s", " ".join(cmd))
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def _refuse_over_budget(model: str, img_size, width, budget: str) -> None:

@@ -4,6 +4,15 @@ Checkpoints (`last.pt` every epoch, `best.pt` on a new best validation NME) are 
 hold everything `--resume` needs to continue exactly: weights, optimiser, schedule, epoch,
 step within the epoch, history. Augmentation and shuffling are pure functions of
 (seed, epoch, index), so a resumed run sees the same batches an uninterrupted one would.
+
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set, WORLD_SIZE > 1) the same function runs in
+every process: it joins the process group (gloo on CPU, nccl on CUDA), wraps the model in
+DistributedDataParallel, and each rank takes its shard of the same (seed, epoch) permutation,
+so `--batch-size` is per process and one step sees batch-size x processes faces. Validation is
+sharded the same way and its NME summed across ranks; BatchNorm statistics are taken from rank
+0 (as DDP does before every forward) before validating. Only rank 0 writes checkpoints (of the
+unwrapped model) and metrics. Resume works as in one process; resuming mid-epoch needs the
+same number of processes.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from flm.errors import TrainingError, UsageError
@@ -73,20 +85,51 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class EpochSampler(Sampler):
-    """Yields (index, epoch) in an order fixed by (seed, epoch); can start mid-epoch."""
+def join_process_group(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun with WORLD_SIZE > 1, join the process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    if device.type == "mps":
+        raise UsageError("multi-process training runs on CPU (gloo) or CUDA (nccl), not on mps",
+                         example="torchrun --nproc-per-node 2 -m flm.cli train --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+
+def _all_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum over all processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) in an order fixed by (seed, epoch); can start mid-epoch.
+
+    With `world` > 1, rank r takes items r, r + world, ... of the same permutation, padded by
+    wrapping round (DistributedSampler's rule) so every rank gets as many items: the ranks
+    step together and between them cover the whole epoch. `start` counts this rank's items.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
 
     def __iter__(self):
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
+        if self.world > 1:
+            per_rank = -(-self.n // self.world)
+            order = np.resize(order, per_rank * self.world)[self.rank::self.world]
         return iter([(int(i), self.epoch) for i in order[self.start:]])
 
     def __len__(self):
-        return self.n - self.start
+        return -(-self.n // self.world) - self.start
 
 
 def landmark_loss(model: LandmarkModel, raw: torch.Tensor, target: torch.Tensor, cfg: TrainConfig):
@@ -109,10 +152,20 @@ def landmark_loss(model: LandmarkModel, raw: torch.Tensor, target: torch.Tensor,
     return loss
 
 
-def _val_nme(model, val: LandmarkDataset, device) -> float:
+def _val_errors(model, val: LandmarkDataset, device) -> np.ndarray:
     pred, gt = predict_crops(model, val, device=device)
     # NME is invariant to the crop's similarity transform, so crop space gives the image-space value
-    return float(nme(pred, gt, normaliser(gt, "inter-ocular", model.spec.scheme)).mean())
+    return nme(pred, gt, normaliser(gt, "inter-ocular", model.spec.scheme))
+
+
+def _val_nme(model, val: LandmarkDataset, device, rank: int = 0, world: int = 1) -> float:
+    if world == 1:
+        return float(_val_errors(model, val, device).mean())
+    # each rank scores every world-th face; sums and counts are added up, so all ranks agree
+    part = val.subset(range(rank, len(val), world), f"rank{rank}")
+    err = _val_errors(model, part, device) if len(part) else np.zeros(0)
+    total, count = _all_sum([float(err.sum()), float(err.size)], device)
+    return total / count
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -143,7 +196,7 @@ class _StopFlag:
 
 def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, progress=None) -> dict:
     """Train; returns a summary. `progress(epoch, step, steps, loss, val_nme)` is called as it goes."""
-    device = pick_device(cfg.device)
+    rank, world, device = join_process_group(pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,9 +208,9 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
     model.to(device)
 
     ds = CropDataset(train_ds, spec, cfg.augment, cfg.seed, point_subset(spec, train_ds))
-    sampler = EpochSampler(len(ds), cfg.seed)
+    sampler = EpochSampler(len(ds), cfg.seed, rank=rank, world=world)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=len(ds) > cfg.batch_size, persistent_workers=False)
+                        drop_last=len(sampler) > cfg.batch_size, persistent_workers=False)
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -175,6 +228,10 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         epoch, start_step = int(ck["epoch"]), int(ck["step"])
+        if start_step and int(ck.get("world_size", 1)) != world:
+            raise UsageError(f"{cfg.resume} stopped mid-epoch in {int(ck.get('world_size', 1))} process(es); "
+                             f"resume it with as many (this run has {world})",
+                             example=f"flm train --nproc {int(ck.get('world_size', 1))} --resume {cfg.resume}")
         history = json.loads(ck["history"])
         best = float(ck["best_nme"])
         torch.set_rng_state(ck["torch_rng"])
@@ -183,19 +240,26 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
     def state(ep, st):
         return dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=ep, step=st,
                     history=json.dumps(history), best_nme=best, torch_rng=torch.get_rng_state(),
-                    config=json.dumps(asdict(cfg), default=str))
+                    config=json.dumps(asdict(cfg), default=str), world_size=world)
 
-    log.info("training %s (%s parameters) on %d faces, validating on %d, %s",
-             cfg.model, f"{count_parameters(model):,}", len(train_ds), len(val_ds), device)
+    # after resuming: DDP starts every rank from rank 0's weights and averages gradients
+    net = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if rank == 0:
+        log.info("training %s (%s parameters) on %d faces, validating on %d, %s%s",
+                 cfg.model, f"{count_parameters(model):,}", len(train_ds), len(val_ds), device,
+                 f" x {world} processes" if world > 1 else "")
     t0, global_step, stopped = time.perf_counter(), epoch * steps_per_epoch + start_step, None
     with _StopFlag() as stop:
         while epoch < cfg.epochs and stopped is None:
             model.train()
             sampler.epoch, sampler.start = epoch, start_step * cfg.batch_size
-            losses, step = [], start_step
+            losses, step, data_s, waiting = [], start_step, 0.0, time.perf_counter()
             for x, target, _ in loader:
+                data_s += time.perf_counter() - waiting  # time this step waited for the loader
                 x, target = x.to(device), target.to(device)
-                loss = landmark_loss(model, model(x), target, cfg)
+                loss = landmark_loss(model, net(x), target, cfg)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
                                         f"stopped. The last good checkpoint is {out / 'last.pt'}. "
@@ -209,23 +273,44 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
                 global_step += 1
                 if progress:
                     progress(epoch, step, steps_per_epoch, losses[-1], None)
-                if stop.signum is not None or (cfg.max_steps and global_step >= cfg.max_steps):
-                    stopped = "signal" if stop.signum is not None else "max-steps"
+                signalled = stop.signum is not None
+                if world > 1:  # stop on the same step everywhere, or the others wait forever
+                    signalled = _all_sum([float(signalled)], device)[0] > 0
+                if signalled or (cfg.max_steps and global_step >= cfg.max_steps):
+                    stopped = "signal" if signalled else "max-steps"
                     break
+                waiting = time.perf_counter()
             if stopped == "signal":
-                save_checkpoint(out / "last.pt", model, **state(epoch, step))
+                if rank == 0:
+                    save_checkpoint(out / "last.pt", model, **state(epoch, step))
                 break
-            val = _val_nme(model, val_ds, device)
-            rec = {"epoch": epoch + 1, "step": global_step, "train_loss": float(np.mean(losses)) if losses else None,
-                   "val_nme": val, "lr": sched.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 1)}
+            train_loss = float(np.mean(losses)) if losses else None
+            if world > 1:
+                for b in model.buffers():  # BatchNorm statistics: rank 0's, as DDP uses them
+                    dist.broadcast(b, 0)
+                loss_sum, loss_count = _all_sum([float(np.sum(losses)), float(len(losses))], device)
+                train_loss = loss_sum / loss_count if loss_count else None
+            val = _val_nme(model, val_ds, device, rank, world)
+            rec = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
+                   "val_nme": val, "lr": sched.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 1),
+                   "data_wait_s": round(data_s, 3)}
             history.append(rec)
             if progress:
                 progress(epoch, step, steps_per_epoch, rec["train_loss"], val)
             epoch, start_step = epoch + 1, 0
             if val < best:
                 best = val
-                save_checkpoint(out / "best.pt", model, epoch=epoch, val_nme=val)
-            save_checkpoint(out / "last.pt", model, **state(epoch, 0))
-            _write_metrics(out, history)
+                if rank == 0:
+                    save_checkpoint(out / "best.pt", model, epoch=epoch, val_nme=val)
+            if rank == 0:
+                save_checkpoint(out / "last.pt", model, **state(epoch, 0))
+                _write_metrics(out, history)
+    if os.environ.get("FLM_DUMP_WEIGHTS_DIR"):  # test hook: every process saves its final weights
+        dump = Path(os.environ["FLM_DUMP_WEIGHTS_DIR"])
+        dump.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), dump / f"rank{rank}.pt")
+    if world > 1:
+        dist.barrier()  # no rank leaves while rank 0 still writes
+        dist.destroy_process_group()
     return {"out": str(out), "epochs_done": epoch, "best_val_nme": best, "history": history,
             "stopped": stopped, "wall_s": time.perf_counter() - t0}
