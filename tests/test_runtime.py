@@ -27,7 +27,8 @@ from flm.runtime.detectors import HaarDetector, calibrate_box_adjust
 from flm.runtime.pose import MEAN_FACE_68, POSE_INDEX, POSE_MODEL, rotation_from_euler
 
 sys.path.insert(0, str(Path(__file__).parent))  # works whether or not tests/ is a package
-from runtime_helpers import add_spec_metadata, blob_image, dot_finder_onnx, export_onnx, render_face  # noqa: E402
+from runtime_helpers import (HAAR_SEEDS, add_spec_metadata, blob_image, dot_finder_onnx, export_onnx,  # noqa: E402
+                             faces_image)
 
 REPO = Path(__file__).resolve().parents[1]
 YUNET = REPO.parent / "shared" / "peers" / "yunet-n-320.onnx"
@@ -48,7 +49,10 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     net = build_model("simple-cnn")
+    hm = build_model("shufflenet-heatmap", img_size=64)
     return {
+        "heatmap": export_onnx(hm, d / "hm.onnx"),
+        "heatmap_raw": export_onnx(hm, d / "hm-raw.onnx", decode=False),
         "dot": dot_finder_onnx(d / "dot.onnx"),
         "dot_rgb_heatmap": dot_finder_onnx(d / "dot-hm.onnx", channels=3, heatmap=True),
         "face": export_onnx(net, d / "face68.onnx"),
@@ -72,22 +76,6 @@ class CountingSession:
 
     def __getattr__(self, name):
         return getattr(self._s, name)
-
-
-# generated faces OpenCV's Haar cascade finds (it misses some drawn faces; YuNet finds them all)
-HAAR_SEEDS = (0, 1, 2, 5, 7, 8, 11, 12)
-
-
-def faces_image(seed=0, n=1, size=(360, 480)):
-    """A BGR image with `n` generated faces side by side, and their (n, 68, 2) landmarks."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    bg = np.clip(rng.normal(120, 15, (h, w, 3)), 0, 255).astype(np.uint8)
-    pts = []
-    for i in range(n):
-        bg, p = render_face(rng, face=0.55 * w / (2 * n), centre=((i + 0.5) * w / n, h / 2), angle=0, background=bg)
-        pts.append(p)
-    return cv2.cvtColor(bg, cv2.COLOR_RGB2BGR), np.stack(pts)
 
 
 # --------------------------------------------------------------------------- box maths
@@ -198,6 +186,21 @@ def test_heatmap_layout_is_decoded_with_confidence(models):
     r = lm.detect(blob_image(120, 160, (80.4, 60.6), color=True), boxes=[(60, 40, 100, 80)])
     assert np.linalg.norm(r.faces[0].landmarks[0] - (80.4, 60.6)) < 0.15
     assert r.faces[0].confidence is not None and 0 < r.faces[0].confidence[0] <= 1
+
+
+def test_heatmap_model_decoded_in_graph_matches_numpy_decode(models):
+    """A heatmap preset exported with and without in-graph decoding gives the same landmarks
+    (numpy soft-argmax == the graph's), both with per-point confidence from the heatmaps."""
+    bgr, pts = faces_image(1)
+    box = [landmark_box(pts[0])]
+    a = FaceLandmarker.create(models["heatmap"], FaceLandmarkerOptions(refine=1))
+    b = FaceLandmarker.create(models["heatmap_raw"], FaceLandmarkerOptions(refine=1))
+    assert (a.output_name, b.output_name) == ("landmarks", "heatmaps")
+    fa, fb = a.detect(bgr, boxes=box).faces[0], b.detect(bgr, boxes=box).faces[0]
+    np.testing.assert_allclose(fa.landmarks, fb.landmarks, atol=1e-3)
+    np.testing.assert_allclose(fa.confidence, fb.confidence, atol=1e-4)
+    assert fa.confidence.shape == (68,) and ((fa.confidence > 0) & (fa.confidence <= 1)).all()
+    assert FaceLandmarker.create(models["face"]).detect(bgr, boxes=box).faces[0].confidence is None
 
 
 def test_image_formats_agree(models, tmp_path):

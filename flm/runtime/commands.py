@@ -103,7 +103,7 @@ def _video_frames(landmarker, cap, fps: float, path: Path, tmp: Path | None, sun
                 if not ok:
                     break
                 t = time.perf_counter()
-                result = landmarker.detect_for_video(bgr, len(frames) * 1000.0 / fps)
+                result = landmarker.detect_for_video(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), len(frames) * 1000.0 / fps)
                 ms += (time.perf_counter() - t) * 1000
                 frames.append({"frame": len(frames), **result.to_dict()})
                 if tmp is not None:
@@ -164,7 +164,9 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         sunglasses: bool = typer.Option(False, "--sunglasses", help="Draw sunglasses placed from eye and nose points."),
         max_faces: int = typer.Option(8, "--max-faces", help="Faces per image, best detector score first."),
         min_face: int = typer.Option(40, "--min-face", help="Smallest face box side, pixels."),
-        refine: int = typer.Option(1, "--refine", help="Extra passes cropping around the landmarks just found."),
+        refine: Optional[int] = typer.Option(None, "--refine",
+                                             help="Extra passes cropping around the landmarks just found "
+                                                  "(default: 1 for haar/none, 0 for yunet)."),
         threads: int = typer.Option(0, "--threads", help="onnxruntime threads (0: one per core)."),
     ):
         """Find faces and their landmarks; write annotated images/videos (--out) and JSON (--json)."""
@@ -172,12 +174,12 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         from flm.runtime.landmarker import FaceLandmarker, FaceLandmarkerOptions
         from flm.ui import out as out_console
 
-        if max_faces < 1 or refine < 0 or threads < 0 or min_face < 1:
+        if max_faces < 1 or (refine is not None and refine < 0) or threads < 0 or min_face < 1:
             raise UsageError(f"--max-faces must be >= 1, --refine and --threads >= 0, --min-face >= 1; got "
                              f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
         inputs = collect_inputs(paths)
         options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face,
-                                        refine=refine, threads=threads, color="BGR")
+                                        refine=refine, threads=threads, color="RGB")  # frames are converted
         landmarker = FaceLandmarker.create(model, options)
         log.info("%r", landmarker)
         if out is not None:
@@ -209,5 +211,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                 faces = f"{with_face}/{len(r['frames'])} frames"
                 pose = None
             pose_s = f"{pose['yaw']:.0f}° / {pose['pitch']:.0f}° / {pose['roll']:.0f}°" if pose else "-"
-            t.add_row(r["path"], r["kind"], faces, f"{r['ms']:.1f}", pose_s, r.get("output", "-"))
+            t.add_row(Path(r["path"]).name, r["kind"], faces, f"{r['ms']:.1f}", pose_s,
+                      Path(r["output"]).name if "output" in r else "-")
         out_console.print(t)
+        if out is not None:
+            out_console.print(f"annotated files in {out}")
