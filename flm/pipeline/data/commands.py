@@ -22,6 +22,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     data_app.command("info")(info)
     data_app.command("synth")(synth)
     data_app.command("formats")(formats)
+    from flm.pipeline.data import download  # flm data download (owned by download.py)
+    download.register(data_app)
 
 
 # --------------------------------------------------------------------------- check
