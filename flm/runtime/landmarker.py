@@ -247,7 +247,6 @@ def _next_box(points: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return b if min(b[2] - b[0], b[3] - b[1]) >= 1.0 else previous
 
 
-
 class FaceLandmarker:
     """Faces and landmarks from images and video frames. Create with `FaceLandmarker.create`.
 
