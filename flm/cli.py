@@ -139,7 +139,13 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "flm.cli", *args]
     log.info("running: %s", " ".join(cmd))
-    raise typer.Exit(subprocess.call(cmd))
+    proc = subprocess.Popen(cmd)
+    while proc.returncode is None:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: they save and stop
+            pass
+    raise typer.Exit(proc.returncode)
 
 
 def _refuse_over_budget(model: str, img_size, width, budget: str) -> None:
