@@ -4,6 +4,7 @@ The training runs use `FLM_DUMP_WEIGHTS_DIR` (see flm/pipeline/train.py): each p
 its final state_dict there, so the test can compare the ranks' weights directly.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -45,7 +46,6 @@ def torchrun(*args, dump=None):
 
 
 def read_metrics(run_dir):
-    import json
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -8,7 +8,6 @@ told to cut a transfer short, ignore Range, or answer with an HTML page.
 import hashlib
 import io
 import json
-import os
 import re
 import socket
 import stat

@@ -24,9 +24,7 @@ import hashlib
 import http.client
 import json
 import logging
-import os
 import re
-import socket
 import stat
 import tarfile
 import time
@@ -34,7 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
