@@ -235,12 +235,11 @@ def main(argv=None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[red]aborted")
         return 130
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except typer.TyperException as e:  # usage errors (bad option, missing argument) in standalone_mode=False
+        if debug:
+            raise
+        e.show() if hasattr(e, "show") else console.print(f"[red]error:[/] {e}")
+        return e.exit_code
     return 0
 
 

@@ -62,7 +62,7 @@ def test_resume_after_one_epoch_matches_exactly(tmp_path, faces):
 def test_nan_loss_stops_with_the_step_named(tmp_path, faces):
     tr, va = faces
     with pytest.raises(TrainingError, match=r"epoch 1 step 1"):
-        train(small_cfg(tmp_path, lr=float("nan")), tr, va)
+        train(small_cfg(tmp_path, heatmap_sigma=float("nan")), tr, va)
 
 
 def test_checkpoint_refuses_foreign_and_truncated_files(tmp_path):
