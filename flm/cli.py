@@ -61,6 +61,7 @@ def train(
     workers: int = typer.Option(1, help="Data-loading worker processes."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (smoke runs)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a last.pt."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from a checkpoint's weights (fine-tune)."),
     budget: str = typer.Option("challenge-15mb", help="Refuse presets that cannot fit this budget."),
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad samples instead of stopping."),
@@ -85,7 +86,8 @@ def train(
     cfg = TrainConfig(model=model, data=spec_str, val=val, val_fraction=val_fraction,
                       epochs=epochs or (30 if data else 4), batch_size=batch_size, lr=lr, img_size=img_size,
                       width=width, out=str(out), device=device, seed=seed, workers=workers,
-                      max_steps=max_steps, resume=str(resume) if resume else None, skip_bad=skip_bad)
+                      max_steps=max_steps, resume=str(resume) if resume else None,
+                      init=str(init) if init else None, skip_bad=skip_bad)
     ds = open_dataset(spec_str, skip_bad=skip_bad)
     if val:
         train_ds, val_ds = ds, open_dataset(val, skip_bad=skip_bad)

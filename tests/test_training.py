@@ -82,3 +82,23 @@ def test_checkpoint_refuses_foreign_and_truncated_files(tmp_path):
     x = torch.randn(1, 1, 96, 96)
     model.eval()
     assert torch.equal(loaded(x), model(x))
+
+
+def test_init_fine_tunes_at_another_input_size(tmp_path, faces):
+    tr, va = faces
+    first = train(small_cfg(tmp_path / "a", epochs=1), tr, va)
+    init = str(tmp_path / "a" / "run" / "best.pt")
+    cfg = small_cfg(tmp_path / "b", epochs=1, img_size=96, max_steps=1, init=init)
+    # before any step the fine-tuned model holds exactly the initial weights
+    from flm.pipeline.train import _load_init_weights
+    model = build_model("shufflenet-heatmap", 96)
+    _load_init_weights(model, init)
+    src = load_model(init)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    second = train(cfg, tr, va)
+    assert load_model(tmp_path / "b" / "run" / "last.pt").spec.input_size == 96
+    assert first["best_val_nme"] > 0 and second["epochs_done"] == 1
+    from flm.errors import UsageError
+    other = save_checkpoint(tmp_path / "eyes.pt", build_model("resnet-eyes"))
+    with pytest.raises(UsageError, match="resnet-eyes"):
+        train(small_cfg(tmp_path / "c", init=str(other)), tr, va)

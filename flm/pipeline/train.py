@@ -66,6 +66,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_steps: int | None = None  # stop early (tests, smoke runs)
     resume: str | None = None
+    init: str | None = None  # start from these weights (fine-tuning, e.g. at a larger --img-size)
     skip_bad: bool = False
 
 
@@ -173,6 +174,22 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
 
 
+def _load_init_weights(model: LandmarkModel, path: str) -> None:
+    """Copy weights from another checkpoint of the same preset (any input size: the presets'
+    weights do not depend on it, except simple-cnn's first FC layer, which is then refused)."""
+    ck = read_checkpoint(path)
+    src = json.loads(ck["spec"]).get("preset")
+    if src != model.spec.preset:
+        raise UsageError(f"--init {path} holds a {src!r} model, not {model.spec.preset!r}",
+                         example=f"flm train --model {src} --init {path}")
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        raise UsageError(f"--init {path}: weights do not fit this configuration: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    log.info("initialised from %s", path)
+
+
 class _StopFlag:
     """SIGINT / SIGTERM ask training to stop at the next step boundary and save."""
 
@@ -203,7 +220,9 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
     options = {"width": cfg.width} if cfg.width is not None else {}
     model = build_model(cfg.model, cfg.img_size, options)
     model.build_options = options
-    spec = model.spec.with_(training_data=train_ds.name)
+    if cfg.init and not cfg.resume:
+        _load_init_weights(model, cfg.init)
+    spec = model.spec.with_(training_data=train_ds.name if not cfg.init else f"{train_ds.name} (from {cfg.init})")
     model.spec = spec
     model.to(device)
 
