@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -73,13 +74,19 @@ def train(
     if nproc != 1:
         _relaunch_under_torchrun(ctx, nproc)
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun
-    from flm.pipeline.data import open_dataset
+    from flm.pipeline.data import drop_undecodable, open_dataset
     from flm.pipeline.evaluate import mean_shape_baseline
     from flm.pipeline.models import build_model, get_preset
     from flm.pipeline.reports import write_training_reports
     from flm.pipeline.train import TrainConfig, train as run_train
 
     get_preset(model)
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {lr}", example="flm train --lr 2e-3")
+    for name, path in (("--resume", resume), ("--init", init)):
+        if path is not None and not path.is_file():  # before any data is read
+            raise UsageError(f"{name} {path}: file not found",
+                             example=f"flm train {name} runs/train/{'last' if name == '--resume' else 'best'}.pt")
     if not ignore_budget:
         _refuse_over_budget(model, img_size, width, budget)
     spec_str = data or f"synthetic:{synthetic_n}"
@@ -88,9 +95,9 @@ def train(
                       width=width, out=str(out), device=device, seed=seed, workers=workers,
                       max_steps=max_steps, resume=str(resume) if resume else None,
                       init=str(init) if init else None, skip_bad=skip_bad)
-    ds = open_dataset(spec_str, skip_bad=skip_bad)
+    ds = drop_undecodable(open_dataset(spec_str, skip_bad=skip_bad), skip_bad)
     if val:
-        train_ds, val_ds = ds, open_dataset(val, skip_bad=skip_bad)
+        train_ds, val_ds = ds, drop_undecodable(open_dataset(val, skip_bad=skip_bad), skip_bad)
     else:
         train_ds, val_ds = ds.split_by_identity(val_fraction, seed)
     spec = build_model(model, img_size, {"width": width} if width else None).spec
@@ -172,13 +179,14 @@ def evaluate(
 ):
     """NME mean/median, failure rate and CED AUC on a dataset (crops from the landmark box)."""
     from flm.pipeline.checkpoint import load_model
-    from flm.pipeline.data import open_dataset
+    from flm.pipeline.data import drop_undecodable, open_dataset
     from flm.pipeline.evaluate import evaluate as run_eval, write_report
 
     if norm not in ("inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
     model = load_model(checkpoint)
-    result = run_eval(model, open_dataset(data, skip_bad=skip_bad), norm=norm, threshold=threshold)
+    result = run_eval(model, drop_undecodable(open_dataset(data, skip_bad=skip_bad), skip_bad), norm=norm,
+                      threshold=threshold)
     write_report(result, json_out, ced)
     t = Table(title=f"{checkpoint} on {data}")
     for col in ("images", f"NME mean ({norm})", "NME median", f"failure > {threshold:.0%}", "AUC"):
@@ -222,7 +230,8 @@ _register_stage_commands()
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        # in standalone_mode=False, `raise typer.Exit(130)` (and Ctrl-C) come back as the return value
+        code = app(args=argv, standalone_mode=False)
     except FlmError as e:
         if debug:
             raise
@@ -242,7 +251,7 @@ def main(argv=None) -> int:
             raise
         e.show() if hasattr(e, "show") else console.print(f"[red]error:[/] {e}")
         return e.exit_code
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 if __name__ == "__main__":

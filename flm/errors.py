@@ -65,5 +65,14 @@ class ParityError(FlmError):
         super().__init__(message)
 
 
+class DiskFullError(FlmError):
+    """A file could not be written for lack of space (or quota); the file it was to replace is untouched."""
+
+    def __init__(self, path, detail: str):
+        self.path = str(path)
+        super().__init__(f"{path}: cannot write it: {detail}; nothing was replaced (an existing file there is "
+                         "untouched). Free some space or write somewhere else")
+
+
 class TrainingError(FlmError):
     """Training cannot continue (NaN loss, full disk, ...)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -10,7 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from flm.errors import DiskFullError
+
 log = logging.getLogger("flm")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextlib.contextmanager
@@ -21,8 +25,13 @@ def atomic_path(dest, suffix: str = ""):
     temporary is removed and `dest` is untouched.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise DiskFullError(dest, e.strerror or str(e)) from e
+        raise
     os.close(fd)
     os.unlink(tmp)  # let the writer create a file or a directory there
     tmp = Path(tmp)
@@ -32,9 +41,24 @@ def atomic_path(dest, suffix: str = ""):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         remove(tmp)
+        full = _no_space(e)
+        if full is not None:  # a full disk: one clear error, not a traceback
+            raise DiskFullError(dest, full.strerror or str(full)) from e
         raise
+
+
+def _no_space(e: BaseException | None) -> OSError | None:
+    """The ENOSPC-like OSError behind `e`, if any: writers such as torch.save raise their own
+    error while cleaning up, with the OSError as its context."""
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def replace(src: Path, dest: Path) -> None:

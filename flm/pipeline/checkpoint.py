@@ -25,8 +25,10 @@ def save_checkpoint(path, model: LandmarkModel, **extra) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "spec": model.spec.to_json(),
                "options": dict(getattr(model, "build_options", {})),
                "state_dict": model.state_dict(), **extra}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # through a Python file, so a full disk is an OSError (ENOSPC) that atomic_path reports
+        # clearly; torch.save(payload, path) reports it as "unexpected pos" from its C++ writer
+        torch.save(payload, f)
     log_written(path, started)
     return Path(path)
 
@@ -58,7 +60,9 @@ def load_model(path) -> LandmarkModel:
     model.build_options = dict(ckpt.get("options") or {})
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ModelFileError(path, f"weights do not match preset {spec.preset!r}: "
-                                   f"{str(e).splitlines()[0][:200]}") from None
+    except RuntimeError as e:  # torch's first line only names the class; the next says what differs
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        raise ModelFileError(path, f"weights do not match its spec (preset {spec.preset!r}, {spec.num_points} "
+                                   f"points): {(lines[1] if len(lines) > 1 else lines[0] if lines else '')[:300]}"
+                             ) from None
     return model.eval()

@@ -196,8 +196,8 @@ def build_model(name: str, img_size: int | None = None, options: dict | None = N
     if spec is None:
         spec = preset.spec
         if img_size is not None and img_size != spec.input_size:
-            if img_size % 32:
-                raise UsageError(f"--img-size must be a multiple of 32, got {img_size}",
+            if img_size % 32 or img_size < 32:
+                raise UsageError(f"--img-size must be a positive multiple of 32, got {img_size}",
                                  example="flm train --img-size 128")
             stride = spec.input_size // spec.heatmap_size if spec.heatmap_size else None
             spec = spec.with_(input_size=img_size, heatmap_size=img_size // stride if stride else None)

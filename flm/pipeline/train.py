@@ -190,6 +190,11 @@ def _load_init_weights(model: LandmarkModel, path: str) -> None:
     log.info("initialised from %s", path)
 
 
+def _last_good(out: Path) -> str:
+    last = out / "last.pt"
+    return f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
+
+
 class _StopFlag:
     """SIGINT / SIGTERM ask training to stop at the next step boundary and save."""
 
@@ -238,6 +243,7 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
 
     epoch, start_step, history, best = 0, 0, [], float("inf")
+    carry = [0.0, 0]  # loss sum and count of this epoch's steps before a mid-epoch resume
     if cfg.resume:
         ck = read_checkpoint(cfg.resume)
         if "optimizer" not in ck:
@@ -254,12 +260,15 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
         history = json.loads(ck["history"])
         best = float(ck["best_nme"])
         torch.set_rng_state(ck["torch_rng"])
+        if start_step and rank == 0:  # so the epoch's train_loss is over all its steps, as uninterrupted
+            carry = [float(v) for v in ck.get("epoch_loss", (0.0, 0))]
         log.info("resumed from %s at epoch %d step %d", cfg.resume, epoch + 1, start_step)
 
-    def state(ep, st):
+    def state(ep, st, epoch_loss=(0.0, 0)):
         return dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=ep, step=st,
                     history=json.dumps(history), best_nme=best, torch_rng=torch.get_rng_state(),
-                    config=json.dumps(asdict(cfg), default=str), world_size=world)
+                    config=json.dumps(asdict(cfg), default=str), world_size=world,
+                    epoch_loss=[float(v) for v in epoch_loss])
 
     # after resuming: DDP starts every rank from rank 0's weights and averages gradients
     net = model if world == 1 else DistributedDataParallel(
@@ -281,8 +290,7 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
                 loss = landmark_loss(model, net(x), target, cfg)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
-                                        f"stopped. The last good checkpoint is {out / 'last.pt'}. "
-                                        "Try a lower --lr.")
+                                        f"stopped. {_last_good(out)} Try a lower --lr.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -299,17 +307,24 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
                     stopped = "signal" if signalled else "max-steps"
                     break
                 waiting = time.perf_counter()
+            loss_sum, loss_count = float(np.sum(losses)) + carry[0], len(losses) + carry[1]
+            carry = [0.0, 0]
             if stopped == "signal":
+                if world > 1:
+                    loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
                 if rank == 0:
-                    save_checkpoint(out / "last.pt", model, **state(epoch, step))
+                    save_checkpoint(out / "last.pt", model, **state(epoch, step, (loss_sum, loss_count)))
                 break
-            train_loss = float(np.mean(losses)) if losses else None
+            train_loss = loss_sum / loss_count if loss_count else None
             if world > 1:
                 for b in model.buffers():  # BatchNorm statistics: rank 0's, as DDP uses them
                     dist.broadcast(b, 0)
-                loss_sum, loss_count = _all_sum([float(np.sum(losses)), float(len(losses))], device)
+                loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
                 train_loss = loss_sum / loss_count if loss_count else None
             val = _val_nme(model, val_ds, device, rank, world)
+            if not math.isfinite(val):  # NaN/inf weights: never save them as the last good checkpoint
+                raise TrainingError(f"validation NME became {val} after epoch {epoch + 1} (step {global_step}); "
+                                    f"stopped without saving these weights. {_last_good(out)} Try a lower --lr.")
             rec = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
                    "val_nme": val, "lr": sched.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 1),
                    "data_wait_s": round(data_s, 3)}

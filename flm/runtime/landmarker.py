@@ -337,11 +337,16 @@ class FaceLandmarker:
                                       ["heatmaps"] if self._extra_heatmaps else [])
         outs = self.session.run(names, {INPUT_NAME: batch})
         conf = np.asarray(outs[1], np.float64) if self._has_confidence else None
+        raw, k = np.asarray(outs[0], np.float64), self.spec.num_points
+        # a graph with dynamic output dimensions is only checked against its spec here, on its answer
+        if (raw.shape[:2] != (len(batch), k) or raw.ndim != 4) if self.output_name == "heatmaps" else \
+                raw.size != len(batch) * k * 2:
+            raise ModelFileError(self.source, f"output {self.output_name!r} has shape {list(raw.shape)} for "
+                                              f"{len(batch)} face(s); its spec says {k} points")
         if self.output_name == "heatmaps":
-            logits = np.asarray(outs[0], np.float64)
-            pts = soft_argmax(logits, self.spec.input_size).astype(np.float64)
-            return pts, conf if conf is not None else heatmap_confidence(logits)
-        pts = np.asarray(outs[0], np.float64).reshape(len(batch), self.spec.num_points, 2)
+            pts = soft_argmax(raw, self.spec.input_size).astype(np.float64)
+            return pts, conf if conf is not None else heatmap_confidence(raw)
+        pts = raw.reshape(len(batch), k, 2)
         if self._extra_heatmaps:
             conf = heatmap_confidence(np.asarray(outs[1], np.float64))
         return pts, conf

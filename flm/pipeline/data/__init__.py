@@ -109,6 +109,41 @@ def open_dataset(spec: str, skip_bad: bool = False) -> LandmarkDataset:
     return ds
 
 
+def drop_undecodable(ds: LandmarkDataset, skip_bad: bool = False, workers: int = 4) -> LandmarkDataset:
+    """Decode every image file of `ds` once, before training or evaluation uses it.
+
+    Opening a set reads image headers, not pixels, so a truncated JPEG is only found when it is
+    decoded - otherwise deep inside training, in a DataLoader worker that turns the DatasetError
+    into a traceback. Without `skip_bad` the first bad image raises here; with it, bad samples
+    are dropped, counted in a warning and their reasons added to `ds.skipped`. Generated samples
+    (no file) are not decoded. Returns `ds`, changed in place.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [i for i, s in enumerate(ds.samples) if not callable(s.image)]
+
+    def probe(i):
+        try:
+            ds.samples[i].load()
+        except DatasetError as e:
+            return e
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        errors = {i: e for i, e in zip(files, pool.map(probe, files)) if e is not None}
+    if not errors:
+        return ds
+    first = errors[min(errors)]
+    if not skip_bad:
+        raise DatasetError(first.path, f"{first.problem} (--skip-bad leaves such samples out)", first.line)
+    ds.skipped += [str(errors[i]) for i in sorted(errors)]
+    ds.samples = [s for i, s in enumerate(ds.samples) if i not in errors]
+    log.warning("%s: skipped %d sample(s) whose image cannot be decoded; first: %s", ds.name, len(errors), first)
+    if not ds.samples:
+        raise DatasetError(ds.name, "dataset holds no usable samples")
+    return ds
+
+
 def check_points(points: np.ndarray, expected: int, path, line: int | None,
                  image_size: tuple[int, int] | None = None) -> np.ndarray:
     """Validate a (K, 2) point array; raise DatasetError naming the file and line."""
