@@ -90,12 +90,16 @@ def open_onnx(path):
     except Exception as e:  # onnxruntime raises InvalidProtobuf / Fail / NoSuchFile ... for bad files
         raise ModelFileError(path, f"not a readable ONNX model ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200]})") from None
-    meta = session.get_modelmeta().custom_metadata_map
+    try:  # onnxruntime decodes metadata and names as UTF-8; a damaged file may hold other bytes
+        meta = session.get_modelmeta().custom_metadata_map
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        dims = list(session.get_inputs()[0].shape) if inputs else []
+    except UnicodeDecodeError as e:
+        raise ModelFileError(path, f"not a readable ONNX model (metadata or names are not UTF-8: {e.reason} "
+                                   f"at byte {e.start})") from None
     spec = read_spec(meta, path)
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
     decode = check_io(path, spec, inputs, outputs)
-    dims = list(session.get_inputs()[0].shape)
     want = [spec.channels, spec.input_size, spec.input_size]
     if len(dims) != 4 or dims[1:] != want:
         raise ModelFileError(path, f"input {INPUT!r} has shape {dims}, but its spec describes "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flm.errors import ModelFileError, SpecError
+from flm.errors import ModelFileError, SpecError, UsageError
 from flm.fileio import atomic_path, log_written
 from flm.pipeline.models import LandmarkModel, build_model
 from flm.spec import ModelSpec
@@ -56,7 +56,10 @@ def load_model(path) -> LandmarkModel:
         spec = ModelSpec.from_json(ckpt["spec"], source=str(path))
     except SpecError as e:
         raise ModelFileError(path, str(e)) from None
-    model = build_model(spec.preset, spec=spec, options=ckpt.get("options") or {})
+    try:
+        model = build_model(spec.preset, spec=spec, options=ckpt.get("options") or {})
+    except UsageError as e:  # a preset or option this flm does not know: the file's problem, not the command's
+        raise ModelFileError(path, f"its spec cannot be built here: {e}") from None
     model.build_options = dict(ckpt.get("options") or {})
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -291,7 +291,11 @@ class FaceLandmarker:
         else:
             raise UsageError(f"model must be a path, an onnxruntime.InferenceSession or None, got {type(model).__name__}",
                              example="FaceLandmarker.create('flm-68.onnx')")
-        return cls(session, read_spec(session, source), options, source)
+        try:
+            return cls(session, read_spec(session, source), options, source)
+        except UnicodeDecodeError as e:  # onnxruntime decodes metadata and names as UTF-8
+            raise ModelFileError(source, f"not a readable ONNX model (metadata or names are not UTF-8: "
+                                         f"{e.reason} at byte {e.start})") from None
 
     # ------------------------------------------------------------------ inputs
 
