@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -63,6 +64,8 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (smoke runs)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a last.pt."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from a checkpoint's weights (fine-tune)."),
+    aug_flip: float = typer.Option(0.5, "--aug-flip", help="Probability of a horizontal flip (0 for data "
+                                   "whose left/right annotations are not mirror-consistent)."),
     budget: str = typer.Option("challenge-15mb", help="Refuse presets that cannot fit this budget."),
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad samples instead of stopping."),
@@ -78,6 +81,7 @@ def train(
     from flm.pipeline.evaluate import mean_shape_baseline
     from flm.pipeline.models import build_model, get_preset
     from flm.pipeline.reports import write_training_reports
+    from flm.pipeline.augment import AugmentConfig
     from flm.pipeline.train import TrainConfig, train as run_train
 
     get_preset(model)
@@ -94,7 +98,8 @@ def train(
                       epochs=epochs or (30 if data else 4), batch_size=batch_size, lr=lr, img_size=img_size,
                       width=width, out=str(out), device=device, seed=seed, workers=workers,
                       max_steps=max_steps, resume=str(resume) if resume else None,
-                      init=str(init) if init else None, skip_bad=skip_bad)
+                      init=str(init) if init else None,
+                      augment=replace(AugmentConfig(), flip=aug_flip), skip_bad=skip_bad)
     ds = drop_undecodable(open_dataset(spec_str, skip_bad=skip_bad), skip_bad)
     if val:
         train_ds, val_ds = ds, drop_undecodable(open_dataset(val, skip_bad=skip_bad), skip_bad)
