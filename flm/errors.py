@@ -42,8 +42,9 @@ class SpecError(FlmError):
 class ModelFileError(FlmError):
     """A checkpoint / ONNX / Core ML file that is truncated, foreign or otherwise unusable."""
 
-    def __init__(self, path, problem: str):
+    def __init__(self, path, problem: str, example: str | None = None):
         self.path = str(path)
+        self.example = example
         super().__init__(f"{path}: {problem}")
 
 

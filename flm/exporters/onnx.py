@@ -84,7 +84,8 @@ def open_onnx(path):
 
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(path, "ONNX file not found")
+        raise ModelFileError(path, "ONNX file not found",
+                             example="runs/export/model.onnx, as written by flm export runs/train/best.pt --out runs/export")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises InvalidProtobuf / Fail / NoSuchFile ... for bad files

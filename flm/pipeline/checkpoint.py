@@ -36,7 +36,8 @@ def save_checkpoint(path, model: LandmarkModel, **extra) -> Path:
 def read_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(path, "checkpoint not found")
+        raise ModelFileError(path, "checkpoint not found",
+                             example="runs/train/best.pt or runs/train/last.pt, as written by flm train --out runs/train")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign / pickled-code files

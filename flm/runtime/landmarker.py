@@ -176,7 +176,8 @@ def _providers(options: FaceLandmarkerOptions) -> list[str]:
 def open_session(path, options: FaceLandmarkerOptions) -> ort.InferenceSession:
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(path, "model file not found")
+        raise ModelFileError(path, "model file not found",
+                             example="runs/export/model.onnx, as written by flm export runs/train/best.pt --out runs/export")
     if path.stat().st_size == 0:
         raise ModelFileError(path, "model file is empty (0 bytes)")
     try:
