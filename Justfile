@@ -25,6 +25,10 @@ demo: setup
 test *ARGS: setup
     {{py}} -m pytest {{ARGS}}
 
+# Every property test (hypothesis) with FLM_FUZZ_EXAMPLES examples each (default 2000); nothing else.
+fuzz *ARGS: setup
+    HYPOTHESIS_PROFILE=fuzz {{py}} -m pytest tests {{ARGS}}
+
 # Train the model flm ships on the real 68-point set, identity-held-out validation.
 train-real *ARGS: setup
     {{flm}} train --model shufflenet-heatmap --data udacity:{{data}} --out runs/real {{ARGS}}

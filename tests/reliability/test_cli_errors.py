@@ -1,0 +1,77 @@
+"""Every user error on the command line: a non-zero exit, one line saying what is wrong and a
+correct example, no traceback; `--debug` shows the traceback. `flm` runs as a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from flm.cli import main
+from tests.reliability.helpers import flm
+
+# name -> (arguments ({tmp} is a fresh folder), exit code, words of the message, words of the example)
+CASES = {
+    "FORMAT:PATH without a path": (["data", "check", "udacity"], 2, "needs a path after the colon", "udacity:"),
+    "unknown dataset format": (["data", "info", "nosuch:dir"], 2, "unknown dataset format 'nosuch'", "udacity:"),
+    "dataset folder missing": (["data", "check", "udacity:{tmp}/missing"], 2, "dataset path not found", "udacity:"),
+    "unknown preset": (["train", "--model", "nope"], 2, "unknown model preset 'nope'",
+                       "flm train --model shufflenet-heatmap"),
+    "unknown export target": (["export", "{tmp}/best.pt", "--target", "tflite"], 2, "unknown export target 'tflite'",
+                              "--target onnx"),
+    "checkpoint missing": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4"], 1, "checkpoint not found",
+                           "runs/train/best.pt"),
+    "resume file missing": (["train", "--resume", "{tmp}/last.pt"], 2, "--resume {tmp}/last.pt: file not found",
+                            "flm train --resume runs/train/last.pt"),
+    "image missing": (["detect", "{tmp}/nope.jpg"], 2, "input not found", "flm detect photo.jpg"),
+    "bad --norm": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4", "--norm", "l2"], 2, "unknown --norm 'l2'",
+                   "--norm inter-ocular"),
+    "bad --img-size": (["train", "--img-size", "-32"], 2, "positive multiple of 32, got -32", "--img-size 128"),
+    "bad --lr": (["train", "--lr", "nan"], 2, "--lr must be a positive number, got nan", "--lr 2e-3"),
+    "unknown budget": (["check-budget", "shufflenet-heatmap", "--budget", "nope"], 2, "unknown budget 'nope'",
+                       "--budget challenge-15mb"),
+}
+
+
+# Each of these pays seconds for importing torch in a fresh interpreter; the other cases, and two
+# of these, show that what runs in-process through the same entry point is what a shell sees.
+IN_PROCESS = {"checkpoint missing", "resume file missing", "bad --norm", "bad --lr"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+
+    def run(item):
+        name, (args, *_) = item
+        return name, flm(*[a.replace("{tmp}", str(tmp)) for a in args], timeout=240)
+
+    with ThreadPoolExecutor(3) as pool:
+        return tmp, dict(pool.map(run, [(k, v) for k, v in CASES.items() if k not in IN_PROCESS]))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_user_error_is_one_line_with_an_example(results, name, capsys):
+    tmp, runs = results
+    args, code, words, example = CASES[name]
+    if name in IN_PROCESS:
+        returncode = main([a.replace("{tmp}", str(tmp)) for a in args])
+        cap = capsys.readouterr()
+        r = subprocess.CompletedProcess(args, returncode, cap.out, cap.err)
+    else:
+        r = runs[name]
+    err = r.stderr
+    assert r.returncode == code, err
+    assert "Traceback" not in err and "File \"" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and words.replace("{tmp}", str(tmp)) in errors[0], err  # one line says what
+    assert lines[lines.index(errors[0]) + 1].startswith("  example: ") and example in err, err  # ...and how
+    assert r.stdout == "", r.stdout  # nothing half-done reported on stdout
+
+
+def test_debug_shows_the_traceback():
+    r = flm("--debug", "data", "info", "nosuch:dir")
+    assert r.returncode != 0
+    assert "Traceback (most recent call last)" in r.stderr and "UsageError: unknown dataset format" in r.stderr
