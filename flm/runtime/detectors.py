@@ -191,16 +191,25 @@ class HaarDetector(FaceDetector):
             raise ModelFileError(path, "OpenCV could not load this Haar cascade")
         self.min_neighbors, self.scale_factor = int(min_neighbors), float(scale_factor)
 
+    # The cascade's cost grows with the pixel count (a 4000x4000 frame took 10 s), so larger
+    # images are scanned at this longer side, as YuNet's are; the smallest face found in such an
+    # image is then 24 / scale pixels (the cascade's window), e.g. 150 px in an 8000 px frame.
+    max_side = 1280
+
     def _raw(self, rgb):
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+        k = min(1.0, self.max_side / max(gray.shape))
+        if k < 1.0:
+            gray = cv2.resize(gray, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+        min_side = max(24, int(round(self.min_size * k)))  # 24 px: the cascade's own window
         rects, counts = self._cascade.detectMultiScale2(
             gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-            minSize=(self.min_size, self.min_size))
+            minSize=(min_side, min_side))
         if len(rects) == 0:
             return np.zeros((0, 4)), np.zeros(0)
         r = np.asarray(rects, np.float64).reshape(-1, 4)
         n = np.asarray(counts, np.float64).reshape(-1)
-        boxes = np.stack([r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]], axis=1)
+        boxes = np.stack([r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]], axis=1) / k
         return boxes, n / (n + 5.0)
 
 

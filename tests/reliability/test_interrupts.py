@@ -130,10 +130,21 @@ def test_sigkill_in_the_middle_of_writes_never_leaves_a_torn_checkpoint(tmp_path
     assert counts["killed_in_write"] >= 2 and counts["killed_at_random"] >= 2, counts
     left = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert left, "no kill landed inside a write: the test proved nothing"  # torn temporaries, never the real files
-    assert (out / "last.pt").is_file() and (out / "best.pt").is_file(), sorted(os.listdir(out))
+    # On a loaded machine every kill may land in the first write, so a real file may not exist
+    # yet: absent is allowed (nothing was replaced), torn is not. A clean finishing run then
+    # resumes from whatever is there and must produce both files.
     for name in ("best.pt", "last.pt"):
-        model = load_model(out / name)
-        assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+        if (out / name).is_file():
+            model = load_model(out / name)
+            assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+    args = [sys.executable, "-m", "flm.cli", "train", "--synthetic-n", "48", "--img-size", "64", "--workers", "0",
+            "--batch-size", "4", "--seed", "3", "--epochs", "1", "--out", str(out)]
+    if (out / "last.pt").is_file():
+        args += ["--resume", str(out / "last.pt")]
+    done = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in ("best.pt", "last.pt"):
+        load_model(out / name)
     assert "optimizer" in read_checkpoint(out / "last.pt")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
