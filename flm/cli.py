@@ -181,6 +181,10 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
     ced: Optional[Path] = typer.Option(None, "--ced", help="Write the CED curve as PNG."),
     skip_bad: bool = typer.Option(False, "--skip-bad"),
+    split: str = typer.Option("all", help="all | val | train: the identity split `flm train` makes "
+                              "(with --val-fraction and --seed), to score only the held-out people."),
+    val_fraction: float = typer.Option(0.15, help="Fraction of identities held out (with --split)."),
+    seed: int = typer.Option(0, help="Seed of the identity split (with --split)."),
 ):
     """NME mean/median, failure rate and CED AUC on a dataset (crops from the landmark box)."""
     from flm.pipeline.checkpoint import load_model
@@ -189,11 +193,15 @@ def evaluate(
 
     if norm not in ("inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
+    if split not in ("all", "val", "train"):
+        raise UsageError(f"unknown --split {split!r}", example="flm evaluate best.pt --data udacity:DIR --split val")
     model = load_model(checkpoint)
-    result = run_eval(model, drop_undecodable(open_dataset(data, skip_bad=skip_bad), skip_bad), norm=norm,
-                      threshold=threshold)
+    ds = drop_undecodable(open_dataset(data, skip_bad=skip_bad), skip_bad)
+    if split != "all":
+        ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
+    result = run_eval(model, ds, norm=norm, threshold=threshold)
     write_report(result, json_out, ced)
-    t = Table(title=f"{checkpoint} on {data}")
+    t = Table(title=f"{checkpoint} on {ds.name}")
     for col in ("images", f"NME mean ({norm})", "NME median", f"failure > {threshold:.0%}", "AUC"):
         t.add_column(col, justify="right")
     t.add_row(str(result["count"]), f"{100 * result['nme_mean']:.2f} %", f"{100 * result['nme_median']:.2f} %",
