@@ -17,9 +17,10 @@ demo: setup
     {{flm}} train --out runs/demo
     {{flm}} check-budget runs/demo/best.pt
     {{flm}} export runs/demo/best.pt --target all --out runs/demo/export
-    {{flm}} data synth --out runs/demo/faces -n 4 --seed 7
+    {{flm}} data synth --out runs/demo/faces -n 8 --seed 7
     {{flm}} detect runs/demo/faces/images --model runs/demo/export/model.onnx --out runs/demo/detections
-    @echo "annotated images: runs/demo/detections"
+    {{flm}} detect runs/demo/faces/images --out runs/demo/detections-shipped
+    @echo "annotated images: runs/demo/detections (the model just trained), runs/demo/detections-shipped (flm-68)"
 
 # The default test run (what CI runs).
 test *ARGS: setup
