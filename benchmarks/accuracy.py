@@ -9,8 +9,8 @@ and AUC of the CED curve up to 8 %. Two variants, every system in the same run:
   - gt-box: each system gets the tight box of the ground-truth landmarks and cuts its crop by
     its own published convention (PFLD, Peppa: ../shared/peers/README.md; dlib: the box as its
     rectangle; flm: its spec's crop rule via `FaceLandmarker.detect(image, boxes=...)`);
-  - detector: each system starts from a face detector (OpenCV Haar for flm, PFLD and Peppa;
-    dlib's own HOG detector for dlib); the detection that best overlaps the true face is
+  - detector: each system starts from a face detector (the same OpenCV Haar detector, with
+    flm's runtime settings, for flm, PFLD and Peppa; dlib's own HOG detector for dlib); the detection that best overlaps the true face is
     used, and a missed face counts as a failure (its NME is not in the mean).
 """
 
@@ -124,12 +124,13 @@ HAAR = None
 
 
 def haar_boxes(rgb):
+    """Raw boxes of flm's own Haar detector (same settings as flm's runtime), for the peers."""
     global HAAR
     if HAAR is None:
-        HAAR = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    faces = HAAR.detectMultiScale(gray, 1.1, 3, minSize=(24, 24))
-    return [np.array([x, y, x + w, y + h], float) for x, y, w, h in faces]
+        from flm.runtime import HaarDetector
+        HAAR = HaarDetector()
+    boxes, _ = HAAR.detect(rgb)
+    return list(boxes)
 
 
 def iou(a, b):
