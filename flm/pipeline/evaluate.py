@@ -140,8 +140,5 @@ def write_report(result: dict, json_path=None, ced_png=None) -> None:
         ax.set_ylabel("fraction of images")
         ax.grid(alpha=0.3)
         ax.legend()
-        t = time.perf_counter()
-        with atomic_path(ced_png, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        log_written(ced_png, t)
+        from flm.pipeline.reports import save_figure
+        save_figure(fig, ced_png)

@@ -42,9 +42,15 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    save_figure(fig, path, dpi=90)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """Write a matplotlib figure as PNG atomically, log it, and free it."""
+    import matplotlib.pyplot as plt
     t = time.perf_counter()
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     log_written(path, t)
 
