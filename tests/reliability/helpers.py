@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import cv2
@@ -77,17 +76,9 @@ class Flm:
 # --------------------------------------------------------------------------- fixture files
 
 
-def write_image(path: Path, w=120, h=100, seed=0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    ok, data = cv2.imencode(path.suffix, img)
-    assert ok
-    data.tofile(str(path))
-    return path
+# the fixture writers of the loader tests, shared (same 120x100 default image)
+from tests.test_data_formats import png_chunk, write_image  # noqa: E402,F401
 
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def bomb_header(path: Path, side=20000) -> Path:
