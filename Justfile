@@ -18,8 +18,9 @@ demo: setup
     {{flm}} check-budget runs/demo/best.pt
     {{flm}} export runs/demo/best.pt --target all --out runs/demo/export
     {{flm}} data synth --out runs/demo/faces -n 8 --seed 7
-    {{flm}} detect runs/demo/faces/images --model runs/demo/export/model.onnx --out runs/demo/detections
-    {{flm}} detect runs/demo/faces/images --out runs/demo/detections-shipped
+    # the synthetic pictures are face crops (the cartoon faces often defeat Haar): no detector
+    {{flm}} detect runs/demo/faces/images --model runs/demo/export/model.onnx --detector none --out runs/demo/detections
+    {{flm}} detect runs/demo/faces/images --detector none --out runs/demo/detections-shipped
     @echo "annotated images: runs/demo/detections (the model just trained), runs/demo/detections-shipped (flm-68)"
 
 # The default test run (what CI runs).
