@@ -195,6 +195,14 @@ def _last_good(out: Path) -> str:
     return f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A Ctrl-C or `kill` aimed at the whole process group must reach only the main process, which
+    # saves and stops; a worker dying of it first would surface as a DataLoader traceback instead.
+    # Workers still exit when the main process goes (torch's worker watchdog).
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class _StopFlag:
     """SIGINT / SIGTERM ask training to stop at the next step boundary and save."""
 
@@ -234,6 +242,7 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
     ds = CropDataset(train_ds, spec, cfg.augment, cfg.seed, point_subset(spec, train_ds))
     sampler = EpochSampler(len(ds), cfg.seed, rank=rank, world=world)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        worker_init_fn=_ignore_stop_signals,
                         drop_last=len(sampler) > cfg.batch_size, persistent_workers=False)
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * cfg.epochs
