@@ -58,3 +58,22 @@ def test_photometric_changes_pixels_not_points():
                            replace(AugmentConfig.off(), color=0.4, noise=1.0, blur=1.0, erase=1.0))
     np.testing.assert_array_equal(cpts, base_pts)
     assert np.abs(crop.astype(int) - base_crop).mean() > 1
+
+
+def test_strength_scales_every_change_but_the_flip():
+    base = AugmentConfig()
+    assert AugmentConfig().scaled(1.0) == base
+    half = base.scaled(0.5)
+    assert half.rotation == base.rotation / 2 and half.erase == base.erase / 2 and half.flip == base.flip
+    assert base.scaled(0.0) == replace(AugmentConfig.off(), flip=base.flip)
+    assert base.scaled(10.0).erase == 1.0  # probabilities stay probabilities
+    # weaker augmentation moves the crop less: mean point displacement from the clean crop
+    pts = grid68()
+    img = dot_image(pts, (300, 200))
+    _, clean = make_crop(img, pts, SPEC, None, None)
+
+    def moved(cfg):
+        return np.mean([np.abs(make_crop(img, pts, SPEC, np.random.default_rng(s), replace(cfg, flip=0))[1]
+                               - clean).mean() for s in range(20)])
+
+    assert moved(base.scaled(0.0)) < 1e-3 < moved(base.scaled(0.3)) < moved(base)

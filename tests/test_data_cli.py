@@ -102,3 +102,9 @@ def test_info_on_the_builtin_set(capsys):
     assert "│ samples      │ 12 " in out and "│ identities   │ 3 " in out and "yaw" in out
     sizes = [int(v) for v in out.split("image width")[1].split("px")[0].replace("..", " ").split() if v.isdigit()]
     assert len(sizes) >= 2 and 192 <= min(sizes) and max(sizes) <= 256
+
+
+@pytest.mark.parametrize("flag,value", [("--aug-strength", "-1"), ("--aug-flip", "1.5")])
+def test_train_refuses_augmentation_out_of_range(capsys, flag, value):
+    code, out, err = run(capsys, "train", flag, value, "--epochs", "1")
+    assert code == 2 and flag in err and value in err and "Traceback" not in err

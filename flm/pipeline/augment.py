@@ -33,6 +33,18 @@ class AugmentConfig:
     def off(cls) -> "AugmentConfig":
         return cls(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
+    def scaled(self, strength: float) -> "AugmentConfig":
+        """Every change but the flip times `strength` (0 = none, 1 = these defaults).
+
+        Light augmentation for a last few epochs lets an underfitting model fit the clean crops
+        it is evaluated on; the flip is a separate choice because it depends on the labels.
+        """
+        return AugmentConfig(**{k: (v if k == "flip" else min(v * strength, 1.0) if k in _PROBABILITIES
+                                    else v * strength) for k, v in vars(self).items()})
+
+
+_PROBABILITIES = {"grayscale", "erase", "noise", "blur"}
+
 
 def make_crop(image: np.ndarray, points: np.ndarray, spec: ModelSpec, rng: np.random.Generator | None,
               aug: AugmentConfig | None, box=None):
