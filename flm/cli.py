@@ -66,9 +66,12 @@ def train(
     init: Optional[Path] = typer.Option(None, "--init", help="Start from a checkpoint's weights (fine-tune)."),
     aug_flip: float = typer.Option(0.5, "--aug-flip", help="Probability of a horizontal flip (0 for data "
                                    "whose left/right annotations are not mirror-consistent)."),
-    aug_strength: float = typer.Option(1.0, "--aug-strength", help="Scale of every other augmentation "
-                                       "(rotation, scale, shift, box jitter, colour, blur, noise, erasing): "
-                                       "0 none, 1 the defaults."),
+    aug_strength: float = typer.Option(1.0, "--aug-strength", help="Scale of rotation and the photometric "
+                                       "augmentation (colour, grey, blur, noise, erasing): 0 none, 1 the "
+                                       "defaults."),
+    aug_crop: float = typer.Option(1.0, "--aug-crop", help="Scale of the crop jitter (box edges, zoom, "
+                                   "shift), which stands for a face detector's box error: 0 none, 1 the "
+                                   "defaults."),
     budget: str = typer.Option("challenge-15mb", help="Refuse presets that cannot fit this budget."),
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad samples instead of stopping."),
@@ -90,9 +93,9 @@ def train(
     get_preset(model)
     if not (math.isfinite(lr) and lr > 0):
         raise UsageError(f"--lr must be a positive number, got {lr}", example="flm train --lr 2e-3")
-    if not (0 <= aug_strength <= 3):
-        raise UsageError(f"--aug-strength must be between 0 and 3, got {aug_strength}",
-                         example="flm train --aug-strength 0.5")
+    for name, value in (("--aug-strength", aug_strength), ("--aug-crop", aug_crop)):
+        if not (0 <= value <= 3):
+            raise UsageError(f"{name} must be between 0 and 3, got {value}", example=f"flm train {name} 0.5")
     if not (0 <= aug_flip <= 1):
         raise UsageError(f"--aug-flip is a probability between 0 and 1, got {aug_flip}",
                          example="flm train --aug-flip 0")
@@ -108,7 +111,7 @@ def train(
                       width=width, out=str(out), device=device, seed=seed, workers=workers,
                       max_steps=max_steps, resume=str(resume) if resume else None,
                       init=str(init) if init else None,
-                      augment=replace(AugmentConfig().scaled(aug_strength), flip=aug_flip), skip_bad=skip_bad)
+                      augment=replace(AugmentConfig().scaled(aug_strength, aug_crop), flip=aug_flip), skip_bad=skip_bad)
     ds = drop_undecodable(open_dataset(spec_str, skip_bad=skip_bad), skip_bad)
     if val:
         train_ds, val_ds = ds, drop_undecodable(open_dataset(val, skip_bad=skip_bad), skip_bad)

@@ -60,20 +60,25 @@ def test_photometric_changes_pixels_not_points():
     assert np.abs(crop.astype(int) - base_crop).mean() > 1
 
 
-def test_strength_scales_every_change_but_the_flip():
+def test_strength_scales_rotation_and_appearance_but_keeps_crop_jitter_and_flip():
     base = AugmentConfig()
-    assert AugmentConfig().scaled(1.0) == base
+    assert base.scaled(1.0) == base
     half = base.scaled(0.5)
-    assert half.rotation == base.rotation / 2 and half.erase == base.erase / 2 and half.flip == base.flip
-    assert base.scaled(0.0) == replace(AugmentConfig.off(), flip=base.flip)
+    assert half.rotation == base.rotation / 2 and half.erase == base.erase / 2 and half.color == base.color / 2
+    kept = ("flip", "box_jitter", "scale", "shift")
+    assert all(getattr(half, k) == getattr(base, k) for k in kept)
+    assert base.scaled(0.0) == replace(AugmentConfig.off(), **{k: getattr(base, k) for k in kept})
     assert base.scaled(10.0).erase == 1.0  # probabilities stay probabilities
-    # weaker augmentation moves the crop less: mean point displacement from the clean crop
+    assert base.scaled(1.0, crop=0.5).box_jitter == base.box_jitter / 2 and base.scaled(0.0, crop=0.0) == \
+        replace(AugmentConfig.off(), flip=base.flip)
+    # weaker rotation turns the crop less: mean point displacement from the clean crop
     pts = grid68()
     img = dot_image(pts, (300, 200))
     _, clean = make_crop(img, pts, SPEC, None, None)
+    no_crop_jitter = replace(base, flip=0, box_jitter=0, scale=0, shift=0)
 
     def moved(cfg):
-        return np.mean([np.abs(make_crop(img, pts, SPEC, np.random.default_rng(s), replace(cfg, flip=0))[1]
-                               - clean).mean() for s in range(20)])
+        return np.mean([np.abs(make_crop(img, pts, SPEC, np.random.default_rng(s), cfg)[1] - clean).mean()
+                        for s in range(20)])
 
-    assert moved(base.scaled(0.0)) < 1e-3 < moved(base.scaled(0.3)) < moved(base)
+    assert moved(no_crop_jitter.scaled(0.0)) < 1e-3 < moved(no_crop_jitter.scaled(0.3)) < moved(no_crop_jitter)

@@ -104,7 +104,7 @@ def test_info_on_the_builtin_set(capsys):
     assert len(sizes) >= 2 and 192 <= min(sizes) and max(sizes) <= 256
 
 
-@pytest.mark.parametrize("flag,value", [("--aug-strength", "-1"), ("--aug-flip", "1.5")])
+@pytest.mark.parametrize("flag,value", [("--aug-strength", "-1"), ("--aug-crop", "4"), ("--aug-flip", "1.5")])
 def test_train_refuses_augmentation_out_of_range(capsys, flag, value):
     code, out, err = run(capsys, "train", flag, value, "--epochs", "1")
     assert code == 2 and flag in err and value in err and "Traceback" not in err
