@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +28,8 @@ def atomic_path(dest, suffix: str = ""):
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+        # the writer's pid in the name lets `sweep_temporaries` tell a dead writer's leftovers
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}-", suffix=".tmp" + suffix, dir=dest.parent)
     except OSError as e:
         if e.errno in _NO_SPACE:
             raise DiskFullError(dest, e.strerror or str(e)) from e
@@ -47,6 +49,34 @@ def atomic_path(dest, suffix: str = ""):
         if full is not None:  # a full disk: one clear error, not a traceback
             raise DiskFullError(dest, full.strerror or str(full)) from e
         raise
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp")
+
+
+def sweep_temporaries(folder) -> int:
+    """Remove the temporaries of `atomic_path` writers that no longer run (killed with SIGKILL,
+    say, which no `finally` survives) from `folder`; a live writer's are left alone. Returns
+    how many were removed."""
+    removed = 0
+    for p in Path(folder).glob(".*.tmp*"):
+        m = _TEMPORARY.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            remove(p)
+            removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) left in %s by a writer that was killed", removed, folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _no_space(e: BaseException | None) -> OSError | None:

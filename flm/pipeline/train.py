@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from flm.errors import TrainingError, UsageError
-from flm.fileio import atomic_path
+from flm.fileio import atomic_path, sweep_temporaries
 from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.checkpoint import read_checkpoint, save_checkpoint
@@ -230,6 +230,8 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        sweep_temporaries(out)
     options = {"width": cfg.width} if cfg.width is not None else {}
     model = build_model(cfg.model, cfg.img_size, options)
     model.build_options = options

@@ -46,7 +46,8 @@ def main() -> None:
     rng = random.Random(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
     os.makedirs(out, exist_ok=True)
     end = time.monotonic() + seconds
-    counts = {"rounds": 0, "killed_in_write": 0, "killed_at_random": 0, "failures": 0}
+    # left_behind: kills after which a torn temporary lay in OUT (the next child sweeps it away)
+    counts = {"rounds": 0, "killed_in_write": 0, "killed_at_random": 0, "failures": 0, "left_behind": 0}
     while time.monotonic() < end:
         before = temporaries(out)
         pid = os.fork()
@@ -78,6 +79,7 @@ def main() -> None:
             counts["failures"] += 1
         else:
             counts["killed_in_write" if in_write else "killed_at_random"] += 1
+            counts["left_behind"] += bool(temporaries(out) - before)
         counts["rounds"] += 1
     print(json.dumps(counts))
 

@@ -128,8 +128,8 @@ def test_sigkill_in_the_middle_of_writes_never_leaves_a_torn_checkpoint(tmp_path
     counts = json.loads(r.stdout.strip().splitlines()[-1])
     assert counts["failures"] == 0, r.stderr  # no child ever failed to resume from what it found
     assert counts["killed_in_write"] >= 2 and counts["killed_at_random"] >= 2, counts
-    left = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-    assert left, "no kill landed inside a write: the test proved nothing"  # torn temporaries, never the real files
+    # torn temporaries, never the real files; each child sweeps the ones its predecessor left
+    assert counts["left_behind"] >= 1, "no kill landed inside a write: the test proved nothing"
     # On a loaded machine every kill may land in the first write, so a real file may not exist
     # yet: absent is allowed (nothing was replaced), torn is not. A clean finishing run then
     # resumes from whatever is there and must produce both files.
@@ -143,6 +143,8 @@ def test_sigkill_in_the_middle_of_writes_never_leaves_a_torn_checkpoint(tmp_path
         args += ["--resume", str(out / "last.pt")]
     done = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr
+    # the killed writers' temporaries (up to a checkpoint's size each) were swept on start
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name], "temporaries of killed writers left behind"
     for name in ("best.pt", "last.pt"):
         load_model(out / name)
     assert "optimizer" in read_checkpoint(out / "last.pt")
@@ -262,3 +264,20 @@ def test_flm_train_on_a_full_filesystem_is_one_clear_error(tmp_path):
     listing = r.stdout.split("train-exit=1")[1].split()
     assert "last.pt" not in listing and not [n for n in listing if n.endswith(".tmp")], listing
     assert load_model(keep / "best.pt").spec.input_size == 64  # what was written before is whole
+
+
+def test_sweep_removes_only_the_temporaries_of_writers_that_are_gone(tmp_path):
+    from flm.fileio import atomic_path, sweep_temporaries
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone_pid = int(dead.stdout)  # this process has exited
+    stale = tmp_path / f".last.pt.{gone_pid}-abc123.tmp"
+    stale.write_bytes(b"x" * 100)
+    stale_dir = tmp_path / f".model.mlpackage.{gone_pid}-def456.tmp.mlpackage"
+    stale_dir.mkdir()
+    keep = tmp_path / "best.pt"
+    keep.write_bytes(b"y")
+    with atomic_path(tmp_path / "last.pt") as live:  # negative control: a live writer's temporary stays
+        live.write_bytes(b"z")
+        assert sweep_temporaries(tmp_path) == 2
+        assert live.exists() and keep.exists() and not stale.exists() and not stale_dir.exists()
+    assert (tmp_path / "last.pt").read_bytes() == b"z" and sweep_temporaries(tmp_path) == 0
