@@ -166,7 +166,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         min_face: int = typer.Option(40, "--min-face", help="Smallest face box side, pixels."),
         refine: Optional[int] = typer.Option(None, "--refine",
                                              help="Extra passes cropping around the landmarks just found "
-                                                  "(default: 1 for haar/none, 0 for yunet)."),
+                                                  "(default: 2 for haar, 1 for none, 0 for yunet)."),
         threads: int = typer.Option(0, "--threads", help="onnxruntime threads (0: one per core)."),
     ):
         """Find faces and their landmarks; write annotated images/videos (--out) and JSON (--json)."""

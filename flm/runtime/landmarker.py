@@ -56,11 +56,13 @@ class FaceLandmarkerOptions:
     detector_score: drop detections scoring below this (None: the detector's default).
     nms_iou: IoU above which overlapping detections are merged.
     refine: extra passes, each cropping around the landmarks of the previous one. None: the
-        detector's default — 1 for Haar, "none" and app boxes, 0 for YuNet. Measured with a
+        detector's default — 2 for Haar, 1 for "none" and app boxes, 0 for YuNet. Measured with a
         shufflenet-heatmap model (val NME 6.1 %) on 120 held-out youtube-faces-68 faces, mean
         inter-ocular NME for refine 0 / 1 / 2: Haar 7.67 / 7.19 / 7.02 %, YuNet 6.40 / 6.54 /
         6.65 %, ground-truth boxes 6.00 / 6.35 / 6.43 %: a pass helps a rough box and costs a
         little on a good one (the model's crop of its own landmark box is not the exact box).
+        With flm-68 on all 567 held-out faces (`benchmarks/accuracy.py`, Haar): refine 1 / 2
+        4.72 / 4.49 %.
     threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     providers: onnxruntime execution providers (default: CPU).
     color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
