@@ -659,3 +659,15 @@ def test_wflw_garbage_only_ever_raises_dataset_error(fuzz_dir, lines, skip):
     except DatasetError:
         return
     assert all(s.points.shape == (98, 2) for s in ds.samples)
+
+
+def test_udacity_reads_the_layout_of_udacitys_own_archive(tmp_path):
+    # train-test-data.zip: training_frames_keypoints.csv beside training/ (and test_… beside test/)
+    for split, seed in (("training", 0), ("test", 1)):
+        write_image(tmp_path / split / f"Ann_Lee_0{seed}.jpg", seed=seed)
+        csv = write_udacity(tmp_path / "tmp", [(f"Ann_Lee_0{seed}.jpg", face_points(seed))])
+        csv.rename(tmp_path / f"{split}_frames_keypoints.csv")
+    for split, seed in (("training", 0), ("test", 1)):
+        ds = open_dataset(f"udacity:{tmp_path}/{split}_frames_keypoints.csv")
+        assert [s.image for s in ds.samples] == [tmp_path / split / f"Ann_Lee_0{seed}.jpg"]
+        assert ds.samples[0].load().shape == (H, W, 3)

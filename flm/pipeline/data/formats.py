@@ -136,6 +136,16 @@ def _identity_from_name(name: str) -> str:
     return re.sub(r"_\d+$", "", Path(name).stem)
 
 
+def _udacity_images(csv_path: Path) -> Path:
+    """DIR/images/ (flm's layout), DIR/X/ for X_frames_keypoints.csv (Udacity's archive ships
+    training/ beside training_frames_keypoints.csv), else the CSV's own folder."""
+    parent = csv_path.parent
+    for sub in ("images", csv_path.stem.removesuffix("_frames_keypoints")):
+        if sub != csv_path.stem and (parent / sub).is_dir():
+            return parent / sub
+    return parent
+
+
 @register("udacity", "udacity:DIR (DIR/landmarks.csv + DIR/images/)",
           "Udacity keypoints CSV: file name + x0,y0..x67,y67; identity from the file name")
 def read_udacity(path: str, skip_bad: bool = False) -> LandmarkDataset:
@@ -143,7 +153,7 @@ def read_udacity(path: str, skip_bad: bool = False) -> LandmarkDataset:
     csv_path = root / "landmarks.csv" if root.is_dir() else root
     if not csv_path.is_file():
         raise DatasetError(csv_path, "Udacity CSV not found (expected DIR/landmarks.csv or a .csv file)")
-    img_dir = csv_path.parent / "images" if (csv_path.parent / "images").is_dir() else csv_path.parent
+    img_dir = _udacity_images(csv_path)
     lines = _read_text(csv_path)
     col, seen = _Collector(skip_bad), set()
     reader = csv.reader(io.StringIO("\n".join(lines)))
