@@ -113,6 +113,7 @@ sys.exit(rc)
 
     doc = json.loads(js.read_text())
     assert doc["spec"]["preset"] == "simple-cnn" and doc["detector"] == "haar"
+    assert doc["refine"] == 2  # the passes that ran (Haar's default), not the unset option
     image, video = (next(f for f in doc["files"] if f["kind"] == k) for k in ("image", "video"))
     assert len(image["faces"]) == 1
     face = image["faces"][0]

@@ -192,7 +192,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         if json_out is not None:
             started = time.perf_counter()
             doc = {"model": landmarker.source, "spec": landmarker.spec.to_dict(),
-                   "detector": landmarker.detector.describe(), "refine": refine, "files": records}
+                   "detector": landmarker.detector.describe(),
+                   "refine": landmarker.detector.default_refine if refine is None else refine, "files": records}
             with atomic_path(json_out) as tmp:
                 tmp.write_text(json.dumps(doc, indent=1))
             log_written(json_out, started)
