@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from flm.errors import ModelFileError, SpecError
-from flm.pipeline.checkpoint import CHECKPOINT_FORMAT, load_model, read_checkpoint, save_checkpoint
+from flm.pipeline.checkpoint import load_model, read_checkpoint, save_checkpoint
 from flm.pipeline.models import build_model
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions
 from flm.spec import SPEC_METADATA_KEY, ModelSpec
+from tests.test_budgets import payload
 
 
 class _Payload:
@@ -41,17 +42,10 @@ def small():
     return model
 
 
-def _ckpt(small, **changes) -> dict:
-    d = {"format": CHECKPOINT_FORMAT, "spec": small.spec.to_json(), "options": {"width": 0.5},
-         "state_dict": small.state_dict()}
-    d.update(changes)
-    return {k: v for k, v in d.items() if v is not None}
-
-
 def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path, small):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pt"
-    torch.save(_ckpt(small, extra=_Payload(str(marker))), evil)  # a real zip checkpoint, valid in every other way
+    torch.save(payload(small, extra=_Payload(str(marker))), evil)  # a real zip checkpoint, valid in every other way
     with pytest.raises(ModelFileError, match="evil.pt") as err:
         load_model(evil)
     assert "not a readable flm checkpoint" in str(err.value) and not marker.exists()
@@ -76,17 +70,17 @@ def test_checkpoints_that_are_not_usable_are_refused_with_the_reason(tmp_path, s
     spec = json.loads(small.spec.to_json())
     cases = {
         # 68-point spec, weights of a 12-point head
-        "wrong-points.pt": (_ckpt(small, state_dict=twelve.state_dict()), "weights do not match its spec"),
-        "no-spec.pt": (_ckpt(small, spec=None), "lacks its model spec"),
-        "no-weights.pt": (_ckpt(small, state_dict=None), "lacks its model spec or weights"),
-        "bad-spec-json.pt": (_ckpt(small, spec="{not json"), "not valid JSON"),
-        "spec-68-says-12.pt": (_ckpt(small, spec=json.dumps({**spec, "num_points": 12})), "has 68 points"),
-        "other-format.pt": (_ckpt(small, format="someone-else/3"), "not an flm checkpoint"),
+        "wrong-points.pt": (payload(small, state_dict=twelve.state_dict()), "weights do not match its spec"),
+        "no-spec.pt": (payload(small, spec=None), "lacks its model spec"),
+        "no-weights.pt": (payload(small, state_dict=None), "lacks its model spec or weights"),
+        "bad-spec-json.pt": (payload(small, spec="{not json"), "not valid JSON"),
+        "spec-68-says-12.pt": (payload(small, spec=json.dumps({**spec, "num_points": 12})), "has 68 points"),
+        "other-format.pt": (payload(small, format="someone-else/3"), "not an flm checkpoint"),
         "list.pt": ([small.state_dict()], "not an flm checkpoint"),
-        "unknown-preset.pt": (_ckpt(small, spec=json.dumps({**spec, "preset": "nope"})), "nope"),
+        "unknown-preset.pt": (payload(small, spec=json.dumps({**spec, "preset": "nope"})), "nope"),
     }
-    for name, (payload, words) in cases.items():
-        torch.save(payload, tmp_path / name)
+    for name, (content, words) in cases.items():
+        torch.save(content, tmp_path / name)
         with pytest.raises((ModelFileError, SpecError)) as err:
             load_model(tmp_path / name)
         assert name in str(err.value) and words in str(err.value), (name, str(err.value))
