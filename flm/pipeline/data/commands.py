@@ -38,19 +38,9 @@ def check(spec: str = typer.Argument(..., help="FORMAT:PATH, e.g. udacity:../sha
 
     Exits non-zero if anything is bad (with --skip-bad: only if nothing usable is left).
     """
-    from flm.pipeline.data import READERS, _load_readers, check_points, open_dataset
+    from flm.pipeline.data import check_points
 
-    _load_readers()
-    fmt, _, path = spec.partition(":")
-    if fmt not in READERS or (fmt != "synthetic" and (not path or not Path(path).exists())):
-        open_dataset(spec)  # raises the usual error, with an example
-    try:  # the reader itself, not open_dataset: a set where every sample is bad still lists why
-        ds = READERS[fmt][0](path, skip_bad=True)
-    except DatasetError as e:  # a whole-file problem: one row, then stop
-        _problem_table([(_where(e), e.problem)], 1, limit)
-        raise FlmError(f"{spec}: unusable ({e})") from None
-    ds.name = spec
-    problems = [_split(reason) for reason in ds.skipped]
+    fmt, ds, problems = _read_listing_problems(spec, limit)
 
     def decode(item):
         i, s = item
@@ -60,9 +50,7 @@ def check(spec: str = typer.Argument(..., help="FORMAT:PATH, e.g. udacity:../sha
             check_points(s.points, ds.num_points, source, s.line, image_size=(img.shape[1], img.shape[0]))
             return img.shape[1], img.shape[0], None
         except DatasetError as e:
-            where = f"{source}:{s.line}" if s.line is not None else source
-            what = e.problem if e.path == source else f"{e.path}: {e.problem}"
-            return None, None, (where, what)
+            return None, None, _sample_problem(e, s, source)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     sizes = []
@@ -91,6 +79,33 @@ def check(spec: str = typer.Argument(..., help="FORMAT:PATH, e.g. udacity:../sha
     if problems and (not skip_bad or good == 0):
         hint = " (use --skip-bad to train on the good ones)" if good else ""
         raise FlmError(f"{spec}: {len(problems)} bad sample(s) of {good + len(problems)}{hint}")
+
+
+def _read_listing_problems(spec: str, limit: int):
+    """(format, dataset of the good samples, [(where, problem)] of the bad ones) for `spec`.
+
+    The reader itself, not open_dataset: a set where every sample is bad still lists why. A
+    whole-file problem (not UTF-8, malformed XML) is shown as one row, then stops."""
+    from flm.pipeline.data import READERS, _load_readers, open_dataset
+
+    _load_readers()
+    fmt, _, path = spec.partition(":")
+    if fmt not in READERS or (fmt != "synthetic" and (not path or not Path(path).exists())):
+        open_dataset(spec)  # raises the usual error, with an example
+    try:
+        ds = READERS[fmt][0](path, skip_bad=True)
+    except DatasetError as e:
+        _problem_table([(_where(e), e.problem)], 1, limit)
+        raise FlmError(f"{spec}: unusable ({e})") from None
+    ds.name = spec
+    return fmt, ds, [_split(reason) for reason in ds.skipped]
+
+
+def _sample_problem(e: DatasetError, s, source: str) -> tuple[str, str]:
+    """(where, problem) of an error found in a sample after reading: its annotation file:line,
+    and the problem, prefixed with the file it is about when that is another (the image)."""
+    where = f"{source}:{s.line}" if s.line is not None else source
+    return where, e.problem if e.path == source else f"{e.path}: {e.problem}"
 
 
 def _problem_table(rows, total: int, limit: int) -> None:
@@ -129,35 +144,52 @@ def _split(reason: str) -> tuple[str, str]:
 
 
 def info(spec: str = typer.Argument(..., help="FORMAT:PATH"),
-         skip_bad: bool = typer.Option(False, "--skip-bad")):
-    """Count, identities, scheme, points and image sizes (from headers; nothing decoded)."""
-    from flm.images import image_size
-    from flm.pipeline.data import open_dataset
+         skip_bad: bool = typer.Option(False, "--skip-bad", help="Bad samples are expected: exit 0 if usable "
+                                       "samples remain (they are still counted)."),
+         limit: int = typer.Option(5, help="Show at most this many problems (all are counted).")):
+    """Count, identities, scheme, points and image sizes (from headers; nothing decoded where a
+    header tells the size).
 
-    ds = open_dataset(spec, skip_bad=skip_bad)
-    sizes = []
-    for s in ds.samples:
-        if callable(s.image):
-            size = getattr(s.image, "size", None) or s.load().shape[1::-1]
-        else:
-            size = image_size(s.image) or s.load().shape[1::-1]
+    Bad samples are counted and the first few listed (`flm data check` decodes every image and
+    lists them all); exits non-zero if any is bad (with --skip-bad: only if nothing usable is left).
+    """
+    from flm.images import image_size
+
+    _, ds, problems = _read_listing_problems(spec, limit)
+    good, sizes = [], []
+    for i, s in enumerate(ds.samples):
+        try:
+            if callable(s.image):
+                size = getattr(s.image, "size", None) or s.load().shape[1::-1]
+            else:
+                size = image_size(s.image) or s.load().shape[1::-1]
+        except DatasetError as e:  # an image whose header does not tell its size, and does not decode
+            problems.append(_sample_problem(e, s, s.meta.get("source") or f"{spec} sample {i}"))
+            continue
+        good.append(s)
         sizes.append(size)
-    a = np.array(sizes)
-    ids = {s.identity for s in ds.samples if s.identity}
+    if problems:
+        _problem_table(sorted(problems, key=_order), len(problems), limit)
+    ids = {s.identity for s in good if s.identity}
     t = Table(title=f"data info {escape(spec)}", show_header=False)
-    t.add_row("samples", str(len(ds)))
-    t.add_row("identities", f"{len(ids)}" + ("" if ds.has_identities() else
+    t.add_row("samples", str(len(good)))
+    if problems:
+        t.add_row("bad", f"[red]{len(problems)}[/] (list them all: flm data check {escape(spec)})")
+    t.add_row("identities", f"{len(ids)}" + ("" if good and all(s.identity for s in good) else
                                              " (not all samples have one: no identity split; pass --val)"))
     t.add_row("scheme", _scheme(ds))
-    t.add_row("image width", f"{a[:, 0].min()}..{a[:, 0].max()} px (median {int(np.median(a[:, 0]))})")
-    t.add_row("image height", f"{a[:, 1].min()}..{a[:, 1].max()} px (median {int(np.median(a[:, 1]))})")
-    t.add_row("face boxes", "given" if all(s.box is not None for s in ds.samples) else "from the landmarks")
-    yaws = [s.meta["yaw"] for s in ds.samples if "yaw" in s.meta]
+    if sizes:
+        a = np.array(sizes)
+        t.add_row("image width", f"{a[:, 0].min()}..{a[:, 0].max()} px (median {int(np.median(a[:, 0]))})")
+        t.add_row("image height", f"{a[:, 1].min()}..{a[:, 1].max()} px (median {int(np.median(a[:, 1]))})")
+        t.add_row("face boxes", "given" if all(s.box is not None for s in good) else "from the landmarks")
+    yaws = [s.meta["yaw"] for s in good if "yaw" in s.meta]
     if yaws:
         t.add_row("yaw", f"{min(yaws):.1f}..{max(yaws):.1f} deg")
-    if ds.skipped:
-        t.add_row("skipped", f"[red]{len(ds.skipped)}[/] (see `flm data check {escape(spec)}`)")
     out.print(t)
+    if problems and (not skip_bad or not good):
+        hint = " (use --skip-bad to train on the good ones)" if good else ""
+        raise FlmError(f"{spec}: {len(problems)} bad sample(s) of {len(good) + len(problems)}{hint}")
 
 
 # --------------------------------------------------------------------------- synth

@@ -21,10 +21,8 @@ from xml.parsers import expat
 import numpy as np
 
 from flm.errors import DatasetError, UsageError
-from flm.images import MAX_PIXELS, image_size
+from flm.images import IMAGE_SUFFIXES, MAX_PIXELS, image_size
 from flm.pipeline.data import LandmarkDataset, Sample, check_points, register
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -118,7 +116,7 @@ def _image_beside(stem_path: Path, source) -> Path:
             if p.is_file():
                 return p
     raise DatasetError(source, f"no image beside it (looked for {stem_path.name}"
-                               f"{{{','.join(IMAGE_SUFFIXES)}}})")
+                               f"{{{','.join(IMAGE_SUFFIXES)}}}, in lower or upper case)")
 
 
 def _box(values, source, line) -> np.ndarray:
@@ -296,8 +294,15 @@ def read_ibug_xml(path: str, skip_bad: bool = False) -> LandmarkDataset:
 
 
 def parse_pts(path: Path, expected: int = 68) -> tuple[np.ndarray, list[int]]:
-    """Points of a .pts file as written (1-based), and the line of each point."""
+    """Points of a .pts file as written (1-based), and the line of each point.
+
+    The iBUG layout is a `key: value` header (`version: 1`, `n_points: 68`), then the points
+    between `{` and `}`. Some public 300-W copies drop the header and braces: a file whose first
+    line holds only numbers is read as exactly `expected` lines of `x y`."""
     lines = _read_text(path)
+    first = next((s.split() for s in lines if s.strip()), [])
+    if first and all(_is_number(t) for t in first):
+        return _parse_bare_pts(path, lines, expected)
     n_points, i = None, 0
     while i < len(lines) and lines[i].strip() != "{":  # header: "key: value" lines
         s = lines[i].strip()
@@ -339,10 +344,32 @@ def parse_pts(path: Path, expected: int = 68) -> tuple[np.ndarray, list[int]]:
     return np.array(pts).reshape(-1, 2), where
 
 
+def _parse_bare_pts(path: Path, lines: list[str], expected: int) -> tuple[np.ndarray, list[int]]:
+    """A .pts without header or braces: one `x y` line per point, blank lines ignored."""
+    pts, where = [], []
+    for lineno, text in enumerate(lines, start=1):
+        tokens = text.split()
+        if not tokens:
+            continue
+        if len(tokens) != 2:
+            raise DatasetError(path, f"expected 'x y' (a .pts without a header holds {expected} such lines), "
+                                     f"got {text.strip()[:40]!r}", lineno)
+        if len(pts) == expected:
+            raise DatasetError(path, f"more than {expected} 'x y' lines in a .pts without a header "
+                                     f"(expected the {expected}-point iBUG scheme)", lineno)
+        pts.append(_numbers(tokens, path, lineno))
+        where.append(lineno)
+    if len(pts) != expected:
+        raise DatasetError(path, f"{len(pts)} 'x y' lines in a .pts without a header, expected {expected} "
+                                 f"(the {expected}-point iBUG scheme)", where[-1])
+    return np.array(pts).reshape(-1, 2), where
+
+
 @register("ibug-pts", "ibug-pts:300W/ (images with .pts files beside them)",
           "iBUG .pts beside images (300-W, LFPW, HELEN, AFW, IBUG, menpo); 1-based, converted to 0-based")
 def read_ibug_pts(path: str, skip_bad: bool = False) -> LandmarkDataset:
-    """Every `NAME.pts` under PATH (searched recursively) with `NAME.jpg/.png/...` beside it.
+    """Every `NAME.pts` under PATH (searched recursively) with an image `NAME.jpg/.png/.ppm/...`
+    beside it (any type in IMAGE_SUFFIXES). The .pts may lack the header (see `parse_pts`).
     The .pts convention is 1-based (MATLAB), so 1 is subtracted from every coordinate."""
     root = Path(path)
     files = [root] if root.is_file() else sorted(root.rglob("*.pts"))
@@ -355,8 +382,19 @@ def read_ibug_pts(path: str, skip_bad: bool = False) -> LandmarkDataset:
             image = _image_beside(pts_path.with_suffix(""), pts_path)
             bad = ~np.isfinite(raw).all(axis=1)
             line = where[int(np.argmax(bad))] if bad.any() else None
-            col.samples.append(_sample(image, raw - 1.0, 68, pts_path, line))
+            col.samples.append(_sample(image, raw - 1.0, 68, pts_path, line,
+                                       identity=_photo_identity(pts_path, root)))
     return col.dataset(f"ibug-pts:{path}", "ibug68")
+
+
+def _photo_identity(pts_path: Path, root: Path) -> str:
+    """The photo a face comes from, so a split keeps one photo's faces on one side: AFW and HELEN
+    name faces `PHOTO_FACE` (`1051618982_2` is face 2 of photo 1051618982); other names
+    (`image_0001`) are one photo each. Prefixed with the folder, so parts never merge."""
+    stem = pts_path.stem
+    m = re.fullmatch(r"(\d+)_\d+", stem)
+    folder = pts_path.parent.relative_to(root).as_posix() if root.is_dir() else ""
+    return f"{folder}/{m.group(1) if m else stem}"
 
 
 # --------------------------------------------------------------------------- WFLW
@@ -417,7 +455,8 @@ def read_wflw(path: str, skip_bad: bool = False) -> LandmarkDataset:
           "AFLW2000-3D: pt3d_68 (x, y rows) and Pose_Para -> meta yaw/pitch/roll in degrees")
 def read_aflw2000(path: str, skip_bad: bool = False) -> LandmarkDataset:
     """Every `NAME.mat` in PATH with `NAME.jpg` beside it. Points are the first two rows of
-    `pt3d_68`, used as stored; `Pose_Para` = [pitch, yaw, roll (radians), tx, ty, tz, scale]."""
+    `pt3d_68`, used as stored; `Pose_Para` = [pitch, yaw, roll (radians), tx, ty, tz, scale].
+    The angles are kept in degrees wrapped to (-180, 180]: some files store e.g. -351.2 for 8.8."""
     try:
         import scipy.io
     except ImportError:
@@ -440,11 +479,21 @@ def read_aflw2000(path: str, skip_bad: bool = False) -> LandmarkDataset:
             if pose.size < 3 or not np.isfinite(pose[:3]).all():
                 raise DatasetError(mat_path, f"Pose_Para: expected [pitch, yaw, roll, ...] in radians, "
                                              f"got {pose[:3].tolist()}")
-            pitch, yaw, roll = np.degrees(pose[:3])
+            with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+                pitch, yaw, roll = wrap_degrees(np.degrees(pose[:3]))
+            if not np.isfinite([pitch, yaw, roll]).all():
+                raise DatasetError(mat_path, f"Pose_Para: pitch, yaw, roll {pose[:3].tolist()} radians are "
+                                             "too large to be angles")
             image = _image_beside(mat_path.with_suffix(""), mat_path)
             col.samples.append(_sample(image, pts3[:2].T, 68, mat_path, None,
                                        meta={"yaw": float(yaw), "pitch": float(pitch), "roll": float(roll)}))
     return col.dataset(f"aflw2000:{path}", "ibug68")
+
+
+def wrap_degrees(angle):
+    """An angle (or array of angles) in degrees, wrapped to (-180, 180]: 190 -> -170, -180 -> 180."""
+    wrapped = 180.0 - np.mod(180.0 - np.asarray(angle, dtype=np.float64), 360.0)
+    return np.where(wrapped <= -180.0, wrapped + 360.0, wrapped)  # mod rounds a hair below 180 to 360
 
 
 def _mat_field(mat: dict, name: str, path: Path) -> np.ndarray:
