@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -47,9 +45,19 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
 def train(
     ctx: typer.Context,
     model: str = typer.Option("shufflenet-heatmap", "--model", "-m", help="Preset name (see `flm models`)."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="FORMAT:PATH; default: the built-in synthetic set."),
-    val: Optional[str] = typer.Option(None, "--val", help="FORMAT:PATH for validation; default: identity split of --data."),
-    val_fraction: float = typer.Option(0.15, help="Fraction of identities held out when --val is not given."),
+    data: Optional[list[str]] = typer.Option(None, "--data", "-d", help="FORMAT:PATH[@WEIGHT], repeatable "
+                                             "(sources mixed, each drawn WEIGHT x its size per epoch); "
+                                             "default: the built-in synthetic set."),
+    val: Optional[list[str]] = typer.Option(None, "--val", help="FORMAT:PATH scored every epoch, or "
+                                            "'split' (hold out 15 %% of the people / photos of every "
+                                            "--data); repeatable; default: split."),
+    select: str = typer.Option("mean", "--select", help="The validation set (by name) whose NME picks "
+                               "best.pt, or 'mean' over all of them."),
+    heads: bool = typer.Option(True, "--heads/--one-head", help="One output head per annotation "
+                               "convention (each --data folder name) when the sources follow several."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run the stages of a recipe TOML "
+                                          "(resumes a stage left unfinished); other options are ignored."),
+    val_fraction: float = typer.Option(0.15, help="Fraction of identities held out by --val split."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default 30; 4 on the synthetic set)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(2e-3),
@@ -70,6 +78,9 @@ def train(
     aug_crop: float = typer.Option(1.0, "--aug-crop", help="Scale of the crop jitter (box edges, zoom, "
                                    "shift), which stands for a face detector's box error: 0 none, 1 the "
                                    "defaults."),
+    aug_pose: float = typer.Option(0.0, "--aug-pose", help="Probability of turning a face out of plane "
+                                   "(a generic 3-D face fitted to its points, up to --aug-pose-yaw degrees)."),
+    aug_pose_yaw: float = typer.Option(50.0, "--aug-pose-yaw", help="Largest added yaw of --aug-pose, degrees."),
     budget: str = typer.Option("challenge-15mb", help="Refuse presets that cannot fit this budget."),
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad samples instead of stopping."),
@@ -78,70 +89,68 @@ def train(
                               "under torchrun; --batch-size is per process)."),
 ):
     """Train a landmark model; writes best.pt, last.pt, metrics.jsonl and PNG reports to --out."""
+    if recipe is not None:
+        from flm.pipeline.recipe import run_recipe
+        for record in run_recipe(recipe, _train_progress, max_steps):
+            out_console.print(f"stage {record['stage']}: best validation NME {100 * record['best_val_nme']:.2f} %, "
+                              f"{record['epochs_done']} epochs, {record['wall_s']:.0f} s -> {record['out']}",
+                              highlight=False, soft_wrap=True)
+        return
     if nproc != 1:
         _relaunch_under_torchrun(ctx, nproc)
-    rank = int(os.environ.get("RANK", "0"))  # set by torchrun
-    from flm.pipeline.data import drop_undecodable, open_dataset
-    from flm.pipeline.evaluate import mean_shape_baseline
-    from flm.pipeline.models import build_model, get_preset
-    from flm.pipeline.reports import write_training_reports
     from flm.pipeline.augment import AugmentConfig
-    from flm.pipeline.train import TrainConfig, train as run_train
+    from flm.pipeline.models import get_preset
+    from flm.pipeline.train import TrainConfig, check_options
 
     get_preset(model)
-    if not (math.isfinite(lr) and lr > 0):
-        raise UsageError(f"--lr must be a positive number, got {lr}", example="flm train --lr 2e-3")
-    for name, value in (("--aug-strength", aug_strength), ("--aug-crop", aug_crop)):
-        if not (0 <= value <= 3):
-            raise UsageError(f"{name} must be between 0 and 3, got {value}", example=f"flm train {name} 0.5")
-    if not (0 <= aug_flip <= 1):
-        raise UsageError(f"--aug-flip is a probability between 0 and 1, got {aug_flip}",
-                         example="flm train --aug-flip 0")
+    check_options(lr, aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw)
     for name, path in (("--resume", resume), ("--init", init)):
         if path is not None and not path.is_file():  # before any data is read
             raise UsageError(f"{name} {path}: file not found",
                              example=f"flm train {name} runs/train/{'last' if name == '--resume' else 'best'}.pt")
     if not ignore_budget:
         _refuse_over_budget(model, img_size, width, budget)
-    spec_str = data or f"synthetic:{synthetic_n}"
-    cfg = TrainConfig(model=model, data=spec_str, val=val, val_fraction=val_fraction,
+    augment = AugmentConfig.from_options(aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw)
+    cfg = TrainConfig(model=model, data=list(data or [f"synthetic:{synthetic_n}"]), val=list(val or ["split"]),
+                      select=select, heads=heads, val_fraction=val_fraction,
                       epochs=epochs or (30 if data else 4), batch_size=batch_size, lr=lr, img_size=img_size,
                       width=width, out=str(out), device=device, seed=seed, workers=workers,
                       max_steps=max_steps, resume=str(resume) if resume else None,
-                      init=str(init) if init else None,
-                      augment=replace(AugmentConfig().scaled(aug_strength, aug_crop), flip=aug_flip), skip_bad=skip_bad)
-    ds = drop_undecodable(open_dataset(spec_str, skip_bad=skip_bad), skip_bad)
-    if val:
-        train_ds, val_ds = ds, drop_undecodable(open_dataset(val, skip_bad=skip_bad), skip_bad)
-    else:
-        train_ds, val_ds = ds.split_by_identity(val_fraction, seed)
-    spec = build_model(model, img_size, {"width": width} if width else None).spec
-    baseline = mean_shape_baseline(train_ds, val_ds, spec)
-    log.info("mean-shape baseline on the validation set: NME %.2f %%", 100 * baseline)
+                      init=str(init) if init else None, augment=augment, skip_bad=skip_bad)
+    _train_progress(cfg)
 
+
+def _train_progress(cfg) -> dict:
+    """Run one training job with a progress bar on a terminal and one plain line per epoch always."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from flm.pipeline.train import run
+
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun
     with Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(cfg.epochs)), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}  val NME {task.fields[nme]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-                  disable=rank != 0) as bar:
-        task = bar.add_task("train", total=None, epoch=1, loss=0.0, nme="-")
+                  TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                  disable=rank != 0 or not console.is_terminal) as bar:
+        task = bar.add_task("train", total=None, epoch=1, loss=0.0)
 
-        def progress(epoch, step, steps, loss, val_nme):
-            fields = {"epoch": epoch + 1, "loss": loss or 0.0}
-            if val_nme is not None:
-                fields["nme"] = f"{100 * val_nme:.2f} %"
-            bar.update(task, completed=step, total=steps, **fields)
+        def progress(epoch, step, steps, loss, rec):
+            bar.update(task, completed=step, total=steps, epoch=epoch + 1, loss=loss or 0.0)
+            if rec is not None and rank == 0:
+                sets = "  ".join(f"{k} {100 * v:.2f} %" for k, v in rec["val"].items())
+                out_console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  val NME: {sets}"
+                                  f"  (selects: {100 * rec['val_nme']:.2f} %)  {rec['time_s']:.0f} s",
+                                  highlight=False, soft_wrap=True)
 
-        summary = run_train(cfg, train_ds, val_ds, progress)
-    summary["baseline_nme"] = baseline
+        summary = run(cfg, progress)
     if rank != 0:  # under torchrun only rank 0 writes and reports
         raise typer.Exit(130 if summary["stopped"] == "signal" else 0)
-    write_training_reports(Path(out), val_ds)
+    out = Path(cfg.out)
     if summary["stopped"] == "signal":
         console.print(f"[yellow]stopped by signal; resume with: flm train --resume {out / 'last.pt'} ...")
         raise typer.Exit(130)
-    out_console.print(f"best validation NME {100 * summary['best_val_nme']:.2f} % "
-                      f"(mean-shape baseline {100 * baseline:.2f} %), {summary['wall_s']:.0f} s -> {out / 'best.pt'}")
+    base = ", ".join(f"{k} {100 * b:.2f} %" for k, b in summary["baseline"].items())
+    out_console.print(f"best validation NME {100 * summary['best_val_nme']:.2f} % (mean-shape baseline: {base}), "
+                      f"{summary['wall_s']:.0f} s -> {out / 'best.pt'}", highlight=False, soft_wrap=True)
+    return summary
 
 
 def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> None:
@@ -157,9 +166,12 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> None:
     args = [f"--{name}" for name in ("debug", "quiet") if ctx.parent.params.get(name)] + ["train"]
     for p in ctx.command.params:
         value = ctx.params[p.name]
-        if p.name == "nproc" or value is None or value is False:
+        if p.name == "nproc" or value is None or (value is False and not p.secondary_opts):
             continue
-        args += [p.opts[0]] if value is True else [p.opts[0], str(value)]
+        if isinstance(value, bool):
+            args.append(p.opts[0] if value else p.secondary_opts[0])
+        else:
+            args += [a for v in (value if isinstance(value, (list, tuple)) else [value]) for a in (p.opts[0], str(v))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "flm.cli", *args]
     log.info("running: %s", " ".join(cmd))

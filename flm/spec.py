@@ -27,6 +27,29 @@ SCHEMES: dict[str, dict] = {
 }
 
 
+# How a source scheme's points map onto a model's scheme: index of each model point in the source.
+# WFLW -> 68 is the standard map (jaw every second point, the upper brow contours, nose, the
+# eye corners and lids without the 3 extra lid points, mouth) used by PIPNet, HRNet and others.
+_WFLW_TO_68 = (list(range(0, 33, 2)) + [33, 34, 35, 36, 37, 42, 43, 44, 45, 46] + list(range(51, 60))
+               + [60, 61, 63, 64, 65, 67, 68, 69, 71, 72, 73, 75] + list(range(76, 96)))
+SCHEME_MAPS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("wflw98", "ibug68"): tuple(_WFLW_TO_68),
+    ("ibug68", "eyes12"): tuple(range(36, 48)),
+    ("wflw98", "eyes12"): tuple(_WFLW_TO_68[36:48]),
+}
+
+
+def scheme_index(source: str, target: str) -> tuple[int, ...] | None:
+    """Indices of `target`'s points inside `source`'s scheme; None when they are the same scheme.
+    Raises SpecError when `source` cannot give `target`'s points (e.g. 12 eye points for 68)."""
+    if source == target:
+        return None
+    if (source, target) not in SCHEME_MAPS:
+        raise SpecError(f"{source} points cannot be mapped to {target} "
+                        f"(known maps: {', '.join(f'{a}->{b}' for a, b in SCHEME_MAPS)})")
+    return SCHEME_MAPS[(source, target)]
+
+
 @dataclass(frozen=True)
 class CropRule:
     """How a face crop is cut from an image, relative to a face box.
@@ -60,6 +83,9 @@ class ModelSpec:
     coords: str = "input-pixels"
     flm_version: str = __version__
     training_data: str = ""
+    # Annotation conventions the model learnt, one output head each (the first is what the model's
+    # `landmarks` output follows); empty = one convention, that of its training data.
+    conventions: tuple[str, ...] = ()
     licence: str = "Model weights: see the model card. Training data licences apply."
     format: str = SPEC_FORMAT
 
@@ -81,6 +107,7 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["conventions"] = list(self.conventions)
         return d
 
     def to_json(self) -> str:
@@ -102,6 +129,7 @@ class ModelSpec:
         try:
             kw["mean"], kw["std"] = tuple(float(v) for v in kw["mean"]), tuple(float(v) for v in kw["std"])
             kw["crop"] = CropRule(**kw.get("crop", {}))
+            kw["conventions"] = tuple(str(c) for c in kw.get("conventions", ()))
             return cls(**kw)
         except (TypeError, ValueError) as e:
             raise SpecError(f"{source}: invalid spec: {e}") from None

@@ -2,7 +2,9 @@
 
 from dataclasses import replace
 
+import cv2
 import numpy as np
+import pytest
 
 from flm.geometry import flip_permutation
 from flm.pipeline.augment import AugmentConfig, make_crop
@@ -82,3 +84,65 @@ def test_strength_scales_rotation_and_appearance_but_keeps_crop_jitter_and_flip(
                         for s in range(20)])
 
     assert moved(no_crop_jitter.scaled(0.0)) < 1e-3 < moved(no_crop_jitter.scaled(0.3)) < moved(no_crop_jitter)
+
+
+# --------------------------------------------------------------------------- out-of-plane turns
+
+
+def _dotted_face(seed=0):
+    """A 400 x 400 picture of a frontal face (flm's 3-D mean face) with a dot of its own colour on
+    each landmark: after a turn, a point that stayed on its feature sits on its own colour."""
+    from flm.pipeline.augment import _template
+    pts = _template()[:68, :2] * 110 + [200, 190]
+    img = np.full((400, 400, 3), 40, np.uint8)
+    colours = np.random.default_rng(seed).integers(60, 256, (68, 3))
+    for p, c in zip(pts, colours):
+        cv2.circle(img, tuple(int(round(v)) for v in p), 3, tuple(int(v) for v in c), -1)
+    return img, pts, colours
+
+
+def _on_own_colour(img, pts, colours, which) -> float:
+    hits = [np.abs(img[int(round(pts[i, 1])), int(round(pts[i, 0]))].astype(int) - colours[i]).max() <= 12
+            for i in which]
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("yaw, pitch", [(30, 0), (-30, 0), (20, 12), (45, 0)])
+def test_turned_points_stay_on_the_warped_features(yaw, pitch):
+    from flm.pipeline.augment import turn_face
+    img, pts, colours = _dotted_face()
+    out, turned = turn_face(img, pts, yaw, pitch)
+    # eyes, brows, mouth and the nose bridge (the far jaw may be hidden), whose dots do not overlap
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=2) + np.eye(68) * 99
+    inner = [i for i in list(range(17, 31)) + list(range(36, 68)) if d[i].min() > 8]
+    assert len(inner) >= 30
+    assert _on_own_colour(out, turned, colours, inner) >= 0.9
+    moved = np.linalg.norm(turned - pts, axis=1)
+    assert np.median(moved[inner]) > 5  # the face did turn
+    # negative control: the points where they were before the turn are no longer on their dots
+    assert _on_own_colour(out, pts.astype(np.float32), colours, inner) < 0.5
+    # the nose tip moves towards the turn, the far cheek towards the middle (x right, yaw > 0 turns right)
+    assert np.sign(turned[30, 0] - pts[30, 0]) == np.sign(yaw)
+
+
+def test_no_turn_changes_nothing_and_the_background_stays():
+    from flm.pipeline.augment import turn_face
+    img, pts, _ = _dotted_face()
+    out, same = turn_face(img, pts, 0.0, 0.0)
+    np.testing.assert_allclose(same, pts, atol=1e-3)
+    assert np.abs(out.astype(int) - img).max() <= 1
+    turned, _ = turn_face(img, pts, 40.0)
+    assert (turned[:20, :20] == img[:20, :20]).all()  # the corners are anchored
+
+
+def test_pose_augmentation_runs_inside_make_crop_and_keeps_points_in_the_crop():
+    from flm.pipeline.augment import make_crop
+    from flm.pipeline.models import build_model
+    img, pts, _ = _dotted_face()
+    spec = build_model("shufflenet-heatmap", 128).spec
+    aug = AugmentConfig.from_options(0, 0, 0, pose=1.0, pose_yaw=60)
+    crops = [make_crop(img, pts, spec, np.random.default_rng(k), aug) for k in range(6)]
+    for crop, cpts in crops:
+        assert crop.shape == (128, 128, 3) and (cpts >= 0).all() and (cpts < 128).all()
+    spread = np.std([c[1][30, 0] for c in crops])
+    assert spread > 2  # different turns per draw, not the same crop six times

@@ -20,7 +20,7 @@ from flm.geometry import (crop_matrix, ced_curve, invert_affine, landmark_box, n
                           normaliser, to_model_input, transform_points, warp)
 from flm.pipeline.augment import AugmentConfig, make_crop
 from flm.pipeline.data import LandmarkDataset
-from flm.spec import ModelSpec
+from flm.spec import ModelSpec, scheme_index
 
 log = logging.getLogger("flm")
 
@@ -55,25 +55,49 @@ class CropDataset(Dataset):
 
 def point_subset(spec: ModelSpec, ds: LandmarkDataset):
     """Indices of the model's points inside the dataset's scheme (eyes12 from ibug68), or None."""
-    if spec.scheme == ds.scheme:
-        return None
-    if spec.scheme == "eyes12" and ds.scheme == "ibug68":
-        return np.arange(36, 48)
-    raise ValueError(f"model predicts {spec.scheme} points but dataset {ds.name} has {ds.scheme}")
+    idx = scheme_index(ds.scheme, spec.scheme)
+    return None if idx is None else np.asarray(idx)
+
+
+def head_of(conventions: tuple[str, ...], convention: str | None) -> int | None:
+    """Index of the output head that follows `convention`, None for the first (the default output)
+    and for conventions the model did not learn."""
+    return conventions.index(convention) if convention in conventions[1:] else None
 
 
 @torch.no_grad()
-def predict_crops(model, ds: LandmarkDataset, batch_size: int = 64, device="cpu", workers: int = 0):
-    """(predictions, ground truth) as (N, K, 2) in model-input pixels of the evaluation crop."""
+def predict_crops(model, ds: LandmarkDataset, batch_size: int = 64, device="cpu", workers: int = 0,
+                  head: int | None = None):
+    """(predictions, ground truth) as (N, K, 2) in model-input pixels of the evaluation crop, from
+    output head `head` (see `head_of`) or the model's default output."""
     spec = model.spec
     loader = DataLoader(CropDataset(ds, spec, None, point_index=point_subset(spec, ds)),
                         batch_size=batch_size, num_workers=workers)
     model.eval()
     preds, gts = [], []
     for x, pts, _ in loader:
-        preds.append(model.decode(model(x.to(device))).float().cpu().numpy())
+        x = x.to(device)
+        raw = model(x) if head is None else model(x, torch.full((len(x),), head, device=device))
+        preds.append(model.decode(raw).float().cpu().numpy())
         gts.append(pts.numpy())
     return np.concatenate(preds), np.concatenate(gts)
+
+
+YAW_BINS = {"0-30": (0.0, 30.0), "30-60": (30.0, 60.0), "60-90": (60.0, float("inf"))}
+
+
+def yaw_bin_masks(ds: LandmarkDataset) -> dict[str, np.ndarray] | None:
+    """|yaw| bins of the AFLW2000-3D protocol, or None when some face has no yaw."""
+    yaws = [s.meta.get("yaw") for s in ds.samples]
+    if not yaws or any(y is None for y in yaws):
+        return None
+    yaw = np.abs(np.asarray(yaws, np.float64))
+    return {k: (yaw >= lo) & (yaw < hi) for k, (lo, hi) in YAW_BINS.items()}
+
+
+def default_norm(ds: LandmarkDataset) -> str:
+    """bbox for sets with yaw angles (the AFLW2000-3D convention), else inter-ocular."""
+    return "bbox" if yaw_bin_masks(ds) is not None else "inter-ocular"
 
 
 def to_image_coords(crop_points: np.ndarray, ds: LandmarkDataset, spec: ModelSpec, point_index=None):
@@ -87,20 +111,18 @@ def to_image_coords(crop_points: np.ndarray, ds: LandmarkDataset, spec: ModelSpe
 
 
 def evaluate(model, ds: LandmarkDataset, norm: str = "inter-ocular", threshold: float = 0.08,
-             batch_size: int = 64, device="cpu") -> dict:
+             batch_size: int = 64, device="cpu", head: int | None = None) -> dict:
     """NME summary on `ds`, crops from the ground-truth landmark box (the challenge protocol)."""
     spec = model.spec
     idx = point_subset(spec, ds)
-    pred_c, _ = predict_crops(model, ds, batch_size, device)
+    pred_c, _ = predict_crops(model, ds, batch_size, device, head=head)
     pred = to_image_coords(pred_c, ds, spec, idx)
     gt = np.stack([s.points if idx is None else s.points[idx] for s in ds.samples]).astype(np.float64)
     errors = nme(pred, gt, normaliser(gt, norm, spec.scheme))
     result = {"dataset": ds.name, "model": spec.preset, "norm": norm, **nme_summary(errors, threshold)}
-    yaws = [s.meta.get("yaw") for s in ds.samples]
-    if norm == "bbox" and all(y is not None for y in yaws):
+    bins = yaw_bin_masks(ds)
+    if norm == "bbox" and bins is not None:
         # AFLW2000-3D protocol: mean NME per |yaw| bin, and the mean of the three means
-        yaw = np.abs(np.asarray(yaws, np.float64))
-        bins = {"0-30": yaw < 30, "30-60": (yaw >= 30) & (yaw < 60), "60-90": yaw >= 60}
         result["yaw_bins"] = {k: float(errors[m].mean()) if m.any() else None for k, m in bins.items()}
         means = [v for v in result["yaw_bins"].values() if v is not None]
         result["yaw_balanced_nme"] = float(np.mean(means)) if means else None

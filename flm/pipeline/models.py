@@ -77,14 +77,32 @@ class ShuffleNetHeatmap(LandmarkModel):
         self.up1, self.up2 = _deconv(c[3], head[0]), _deconv(head[0], head[1])
         self.skip3, self.skip2 = _conv1x1(c[2], head[0]), _conv1x1(c[1], head[1])
         self.out = nn.Conv2d(head[1], spec.num_points, 1)
+        # one more 1x1 heatmap head per further annotation convention (spec.conventions[1:])
+        self.heads = nn.ModuleList(nn.Conv2d(head[1], spec.num_points, 1) for _ in spec.conventions[1:])
 
-    def forward(self, x):
+    def features(self, x):
         s2 = self.stage2(self.stem(x))
         s3 = self.stage3(s2)
         s4 = self.stage4(s3)
         y = torch.relu(self.up1(s4) + self.skip3(s3))
-        y = torch.relu(self.up2(y) + self.skip2(s2))
-        return self.out(y)
+        return torch.relu(self.up2(y) + self.skip2(s2))
+
+    def forward(self, x, head=None):
+        """Heatmap logits of the first convention's head, or with `head` (N,) the head of each face's
+        convention (training on several conventions at once)."""
+        y = self.features(x)
+        if head is None or not len(self.heads):
+            return self.out(y)
+        every = torch.stack([self.out(y), *(h(y) for h in self.heads)], dim=1)  # (N, S, K, h, w)
+        return every[torch.arange(len(x), device=x.device), head]
+
+    def convention_head(self, name: str) -> nn.Conv2d:
+        """The output layer of convention `name` (KeyError naming the known ones)."""
+        names = self.spec.conventions or ("",)
+        if name not in names:
+            raise KeyError(f"no convention {name!r}; this model has {', '.join(names)}")
+        i = names.index(name)
+        return self.out if i == 0 else self.heads[i - 1]
 
 
 class BasicBlock(nn.Module):

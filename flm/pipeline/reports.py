@@ -36,8 +36,14 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ep, [h["train_loss"] for h in history], marker="o")
     a.set_title("training loss")
-    b.plot(ep, [100 * h["val_nme"] for h in history], marker="o", color="C1")
-    b.set_title("validation NME (inter-ocular) %")
+    names = list(history[-1].get("val") or {})
+    for k, name in enumerate(names):
+        b.plot(ep, [100 * h["val"][name] if name in h.get("val", {}) else np.nan for h in history],
+               marker="o", color=f"C{k + 1}", label=name)
+    if len(names) != 1:
+        b.plot(ep, [100 * h["val_nme"] for h in history], marker=".", color="k", label="selects best.pt")
+    b.legend(fontsize=7)
+    b.set_title("validation NME %")
     for ax in (a, b):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

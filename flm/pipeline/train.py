@@ -38,9 +38,11 @@ from flm.fileio import atomic_path, sweep_temporaries
 from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.checkpoint import read_checkpoint, save_checkpoint
-from flm.pipeline.data import LandmarkDataset
-from flm.pipeline.evaluate import CropDataset, point_subset, predict_crops
-from flm.pipeline.models import LandmarkModel, build_model, count_parameters
+from flm.pipeline.data import LandmarkDataset, Source, open_sources
+from flm.pipeline.evaluate import (CropDataset, default_norm, head_of, mean_shape_baseline, point_subset,
+                                   predict_crops, yaw_bin_masks)
+from flm.pipeline.reports import write_training_reports
+from flm.pipeline.models import LandmarkModel, build_model, count_parameters, get_preset
 
 log = logging.getLogger("flm")
 
@@ -48,8 +50,10 @@ log = logging.getLogger("flm")
 @dataclass
 class TrainConfig:
     model: str = "shufflenet-heatmap"
-    data: str = "synthetic"
-    val: str | None = None
+    data: list[str] = field(default_factory=lambda: ["synthetic"])  # FORMAT:PATH[@WEIGHT] each
+    val: list[str] = field(default_factory=lambda: ["split"])  # FORMAT:PATH, or "split" (see `validation_sets`)
+    select: str = "mean"  # the validation set whose score picks best.pt, or the mean over all of them
+    heads: bool = True  # one output head per annotation convention when the sources follow several
     val_fraction: float = 0.15
     epochs: int = 30
     batch_size: int = 32
@@ -68,6 +72,23 @@ class TrainConfig:
     resume: str | None = None
     init: str | None = None  # start from these weights (fine-tuning, e.g. at a larger --img-size)
     skip_bad: bool = False
+
+
+def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: float, aug_pose: float,
+                  aug_pose_yaw: float) -> None:
+    """UsageError for an option out of its range (`flm train` and recipes alike)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {lr}", example="flm train --lr 2e-3")
+    for name, value in (("--aug-strength", aug_strength), ("--aug-crop", aug_crop)):
+        if not (0 <= value <= 3):
+            raise UsageError(f"{name} must be between 0 and 3, got {value}", example=f"flm train {name} 0.5")
+    for name, value in (("--aug-flip", aug_flip), ("--aug-pose", aug_pose)):
+        if not (0 <= value <= 1):
+            raise UsageError(f"{name} is a probability between 0 and 1, got {value}",
+                             example=f"flm train {name} 0")
+    if not (0 <= aug_pose_yaw <= 75):
+        raise UsageError(f"--aug-pose-yaw must be between 0 and 75 degrees, got {aug_pose_yaw}",
+                         example="flm train --aug-pose 0.5 --aug-pose-yaw 50")
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,26 +132,44 @@ def _all_sum(values: list[float], device) -> list[float]:
 class EpochSampler(Sampler):
     """Yields (index, epoch) in an order fixed by (seed, epoch); can start mid-epoch.
 
-    With `world` > 1, rank r takes items r, r + world, ... of the same permutation, padded by
-    wrapping round (DistributedSampler's rule) so every rank gets as many items: the ranks
-    step together and between them cover the whole epoch. `start` counts this rank's items.
+    `weights` (one per item, default 1) say how often an item is drawn per epoch: 2 = twice,
+    0.5 = in a random half of the epochs' draws - per source, so a source of weight w gives
+    round(w x its size) items each epoch. With `world` > 1, rank r takes items r, r + world, ...
+    of the same permutation, padded by wrapping round (DistributedSampler's rule) so every rank
+    gets as many items: the ranks step together and between them cover the whole epoch. `start`
+    counts this rank's items.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 weights=None):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world = rank, world
+        self.weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
         self.epoch, self.start = 0, 0
 
+    def _draws(self, rng) -> np.ndarray:
+        """Every item floor(w) times, plus a random share of the fractional parts (per weight value)."""
+        out = [np.repeat(np.arange(self.n), np.floor(self.weights).astype(int))]
+        for w in np.unique(self.weights % 1.0):
+            members = np.flatnonzero(np.isclose(self.weights % 1.0, w)) if w > 0 else []
+            if len(members):
+                out.append(rng.choice(members, int(round(w * len(members))), replace=False))
+        return np.concatenate(out).astype(int)
+
+    def _total(self) -> int:
+        return len(self._draws(np.random.default_rng(0)))
+
     def __iter__(self):
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
-                 else np.arange(self.n))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        draws = self._draws(rng)
+        order = rng.permutation(draws) if self.shuffle else np.sort(draws)
         if self.world > 1:
-            per_rank = -(-self.n // self.world)
+            per_rank = -(-len(order) // self.world)
             order = np.resize(order, per_rank * self.world)[self.rank::self.world]
         return iter([(int(i), self.epoch) for i in order[self.start:]])
 
     def __len__(self):
-        return -(-self.n // self.world) - self.start
+        return -(-self._total() // self.world) - self.start
 
 
 def landmark_loss(model: LandmarkModel, raw: torch.Tensor, target: torch.Tensor, cfg: TrainConfig):
@@ -153,25 +192,63 @@ def landmark_loss(model: LandmarkModel, raw: torch.Tensor, target: torch.Tensor,
     return loss
 
 
-def _val_errors(model, val: LandmarkDataset, device) -> np.ndarray:
-    pred, gt = predict_crops(model, val, device=device)
-    # NME is invariant to the crop's similarity transform, so crop space gives the image-space value
-    return nme(pred, gt, normaliser(gt, "inter-ocular", model.spec.scheme))
+@dataclass
+class ValSet:
+    """A validation set scored every epoch: NME by `norm`, through output head `head`."""
+
+    name: str
+    ds: LandmarkDataset
+    norm: str = "inter-ocular"
+    head: int | None = None
 
 
-def _val_nme(model, val: LandmarkDataset, device, rank: int = 0, world: int = 1) -> float:
-    if world == 1:
-        return float(_val_errors(model, val, device).mean())
-    # each rank scores every world-th face; sums and counts are added up, so all ranks agree
-    part = val.subset(range(rank, len(val), world), f"rank{rank}")
-    err = _val_errors(model, part, device) if len(part) else np.zeros(0)
-    total, count = _all_sum([float(err.sum()), float(err.size)], device)
-    return total / count
+def _val_score(model, val: ValSet, device, rank: int = 0, world: int = 1) -> float:
+    """Mean NME of one validation set; with yaw angles and bbox NME, the mean of the |yaw| bin means
+    (the AFLW2000-3D protocol). Under DDP each rank scores every world-th face and the per-bin sums
+    and counts are added up, so all ranks agree."""
+    part = val.ds if world == 1 else val.ds.subset(range(rank, len(val.ds), world), f"rank{rank}")
+    if len(part):
+        pred, gt = predict_crops(model, part, device=device, head=val.head)
+        # NME is invariant to the crop's similarity transform, so crop space gives the image-space value
+        err = nme(pred, gt, normaliser(gt, val.norm, model.spec.scheme))
+    else:
+        err = np.zeros(0)
+    groups = (yaw_bin_masks(part) if val.norm == "bbox" else None) or {"all": np.ones(len(err), bool)}
+    sums = [v for m in groups.values() for v in (float(err[m].sum()), float(m.sum()))]
+    if world > 1:
+        sums = _all_sum(sums, device)
+    means = [total / count for total, count in zip(sums[::2], sums[1::2]) if count]
+    return float(np.mean(means))
+
+
+def _val_scores(model, vals: list[ValSet], device, rank: int, world: int, select: str) -> tuple[dict, float]:
+    """({set name: score}, the score that picks best.pt: set `select`'s, or the mean over the sets)."""
+    scores = {v.name: _val_score(model, v, device, rank, world) for v in vals}
+    return scores, float(np.mean(list(scores.values()))) if select == "mean" else scores[select]
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
     with atomic_path(out / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def _head_prefix(conventions, name: str) -> str:
+    """State-dict prefix of the head that follows convention `name` (the first head when unknown)."""
+    i = list(conventions).index(name) if name in conventions else 0
+    return "out." if i == 0 else f"heads.{i - 1}."
+
+
+def _init_state(ck: dict, model: LandmarkModel) -> dict:
+    """The checkpoint's weights with output heads matched to this model's conventions by name; a
+    convention the checkpoint lacks starts from its first head."""
+    src_conv = tuple(json.loads(ck["spec"]).get("conventions") or ())
+    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(("out.", "heads."))}
+    if not hasattr(model, "heads"):
+        return ck["state_dict"]
+    for i, name in enumerate(model.spec.conventions or ("",)):
+        src, dst = _head_prefix(src_conv, name), "out." if i == 0 else f"heads.{i - 1}."
+        sd.update({dst + k[len(src):]: v for k, v in ck["state_dict"].items() if k.startswith(src)})
+    return sd
 
 
 def _load_init_weights(model: LandmarkModel, path: str) -> None:
@@ -183,7 +260,7 @@ def _load_init_weights(model: LandmarkModel, path: str) -> None:
         raise UsageError(f"--init {path} holds a {src!r} model, not {model.spec.preset!r}",
                          example=f"flm train --model {src} --init {path}")
     try:
-        model.load_state_dict(ck["state_dict"])
+        model.load_state_dict(_init_state(ck, model))
     except RuntimeError as e:
         raise UsageError(f"--init {path}: weights do not fit this configuration: "
                          f"{str(e).splitlines()[0][:200]}") from None
@@ -224,8 +301,28 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, progress=None) -> dict:
-    """Train; returns a summary. `progress(epoch, step, steps, loss, val_nme)` is called as it goes."""
+def conventions_of(cfg: TrainConfig, sources) -> tuple[str, ...]:
+    """The annotation conventions a model trained on `sources` learns, one output head each, in the
+    order of `--data` (the first is the model's default output); () for one convention, with
+    `heads` off, or for presets without heatmap heads."""
+    names = tuple(dict.fromkeys(src.convention for src, _ in sources))
+    heatmap = get_preset(cfg.model).spec.output == "heatmap"
+    return names if len(names) > 1 and cfg.heads and heatmap else ()
+
+
+def _describe_sources(sources, init: str | None) -> str:
+    text = "; ".join(f"{ds.name} x{src.weight:g} [{src.convention}, {len(ds)} faces]" for src, ds in sources)
+    return f"{text} (from {init})" if init else text
+
+
+def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
+    """Train on `sources` [(Source, LandmarkDataset)], scoring `vals` every epoch; returns a summary.
+    `progress(epoch, step, steps, loss, record)` is called as it goes (record: None mid-epoch, the
+    epoch's metrics at its end). One LandmarkDataset each stands for one source / one set."""
+    if isinstance(sources, LandmarkDataset):
+        sources = [(Source(sources.name), sources)]
+    if isinstance(vals, LandmarkDataset):
+        vals = [ValSet("val", vals)]
     rank, world, device = join_process_group(pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -234,15 +331,23 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
         sweep_temporaries(out)
     options = {"width": cfg.width} if cfg.width is not None else {}
     model = build_model(cfg.model, cfg.img_size, options)
+    conventions = conventions_of(cfg, sources)
+    if conventions:
+        model = build_model(cfg.model, options=options, spec=model.spec.with_(conventions=conventions))
     model.build_options = options
     if cfg.init and not cfg.resume:
         _load_init_weights(model, cfg.init)
-    spec = model.spec.with_(training_data=train_ds.name if not cfg.init else f"{train_ds.name} (from {cfg.init})")
+    spec = model.spec.with_(training_data=_describe_sources(sources, cfg.init))
     model.spec = spec
     model.to(device)
 
+    train_ds = LandmarkDataset("+".join(ds.name for _, ds in sources), spec.scheme,
+                               [s for _, ds in sources for s in ds.samples])
+    weights = np.concatenate([np.full(len(ds), src.weight) for src, ds in sources])
+    head_of_face = torch.tensor([conventions.index(src.convention) if conventions else 0
+                                 for src, ds in sources for _ in ds.samples])
     ds = CropDataset(train_ds, spec, cfg.augment, cfg.seed, point_subset(spec, train_ds))
-    sampler = EpochSampler(len(ds), cfg.seed, rank=rank, world=world)
+    sampler = EpochSampler(len(ds), cfg.seed, rank=rank, world=world, weights=weights)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         worker_init_fn=_ignore_stop_signals,
                         drop_last=len(sampler) > cfg.batch_size, persistent_workers=False)
@@ -286,8 +391,10 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if rank == 0:
-        log.info("training %s (%s parameters) on %d faces, validating on %d, %s%s",
-                 cfg.model, f"{count_parameters(model):,}", len(train_ds), len(val_ds), device,
+        log.info("training %s (%s parameters) on %s; validating on %s (best.pt by %s), %s%s",
+                 cfg.model, f"{count_parameters(model):,}", spec.training_data,
+                 ", ".join(f"{v.name} ({len(v.ds)} faces, {v.norm})" for v in vals),
+                 "the mean over them" if cfg.select == "mean" else cfg.select, device,
                  f" x {world} processes" if world > 1 else "")
     t0, global_step, stopped = time.perf_counter(), epoch * steps_per_epoch + start_step, None
     with _StopFlag() as stop:
@@ -295,10 +402,11 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
             model.train()
             sampler.epoch, sampler.start = epoch, start_step * cfg.batch_size
             losses, step, data_s, waiting = [], start_step, 0.0, time.perf_counter()
-            for x, target, _ in loader:
+            for x, target, i in loader:
                 data_s += time.perf_counter() - waiting  # time this step waited for the loader
                 x, target = x.to(device), target.to(device)
-                loss = landmark_loss(model, net(x), target, cfg)
+                raw = net(x, head_of_face[i].to(device)) if conventions else net(x)
+                loss = landmark_loss(model, raw, target, cfg)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
                                         f"stopped. {_last_good(out)} Try a lower --lr.")
@@ -332,16 +440,16 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
                     dist.broadcast(b, 0)
                 loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
                 train_loss = loss_sum / loss_count if loss_count else None
-            val = _val_nme(model, val_ds, device, rank, world)
+            scores, val = _val_scores(model, vals, device, rank, world, cfg.select)
             if not math.isfinite(val):  # NaN/inf weights: never save them as the last good checkpoint
                 raise TrainingError(f"validation NME became {val} after epoch {epoch + 1} (step {global_step}); "
                                     f"stopped without saving these weights. {_last_good(out)} Try a lower --lr.")
             rec = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
-                   "val_nme": val, "lr": sched.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 1),
-                   "data_wait_s": round(data_s, 3)}
+                   "val_nme": val, "val": scores, "lr": sched.get_last_lr()[0],
+                   "time_s": round(time.perf_counter() - t0, 1), "data_wait_s": round(data_s, 3)}
             history.append(rec)
             if progress:
-                progress(epoch, step, steps_per_epoch, rec["train_loss"], val)
+                progress(epoch, step, steps_per_epoch, rec["train_loss"], rec)
             epoch, start_step = epoch + 1, 0
             if val < best:
                 best = val
@@ -359,3 +467,50 @@ def train(cfg: TrainConfig, train_ds: LandmarkDataset, val_ds: LandmarkDataset, 
         dist.destroy_process_group()
     return {"out": str(out), "epochs_done": epoch, "best_val_nme": best, "history": history,
             "stopped": stopped, "wall_s": time.perf_counter() - t0}
+
+
+def validation_sets(cfg: TrainConfig, sources, scheme: str):
+    """(training sources, validation sets). `--val split` holds out whole people / photos of every
+    source that names them (15 %: `LandmarkDataset.split_by_identity`), each scored by the head of
+    its own convention; any other `--val FORMAT:PATH` is scored whole, by the head of the
+    convention of the same name or else the default output. Without `split` the sources train whole."""
+    conventions = conventions_of(cfg, sources)
+    vals, kept = [], sources
+    for text in cfg.val:
+        if text == "split":
+            kept = []
+            for src, ds in sources:
+                if not ds.has_identities():
+                    raise UsageError(f"--data {src.spec!r}: its faces name no person or photo to hold out; "
+                                     "give it a validation set of its own", example=f"flm train --data {src.spec} "
+                                     "--val FORMAT:PATH")
+                tr, va = ds.split_by_identity(cfg.val_fraction, cfg.seed)
+                kept.append((src, tr))
+                vals.append(ValSet(src.convention, va, default_norm(va), head_of(conventions, src.convention)))
+        else:
+            src, ds = open_sources([text], scheme, cfg.skip_bad)[0]
+            vals.append(ValSet(src.convention, ds, default_norm(ds), head_of(conventions, src.convention)))
+    names = [v.name for v in vals]
+    for k, v in enumerate(vals):  # two sets of one name: number them
+        if names.count(v.name) > 1:
+            v.name = f"{v.name}#{names[:k + 1].count(v.name)}"
+    if cfg.select != "mean" and cfg.select not in [v.name for v in vals]:
+        raise UsageError(f"--select {cfg.select!r}: no validation set of that name; "
+                         f"known: mean, {', '.join(v.name for v in vals)}", example="flm train --select mean")
+    return kept, vals
+
+
+def run(cfg: TrainConfig, progress=None) -> dict:
+    """The whole training job of `flm train` and of a recipe stage: open and split the data, report
+    the mean-shape baseline per validation set, train, and (rank 0) write the PNG reports."""
+    preset = get_preset(cfg.model)
+    sources = open_sources(cfg.data, preset.spec.scheme, cfg.skip_bad)
+    sources, vals = validation_sets(cfg, sources, preset.spec.scheme)
+    everything = LandmarkDataset("train", preset.spec.scheme, [s for _, ds in sources for s in ds.samples])
+    baseline = {v.name: mean_shape_baseline(everything, v.ds, preset.spec, v.norm) for v in vals}
+    log.info("mean-shape baseline NME: %s", ", ".join(f"{k} {100 * b:.2f} %" for k, b in baseline.items()))
+    summary = train(cfg, sources, vals, progress)
+    summary["baseline"] = baseline
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_training_reports(Path(cfg.out), vals[0].ds)
+    return summary

@@ -106,7 +106,7 @@ def test_negative_control_a_resume_from_another_step_does_not_match(signalled, t
     ck = read_checkpoint(signalled["stopped"][signal.SIGINT]["copy"])
     config = json.loads(ck["config"])
     config["augment"] = AugmentConfig(**config["augment"])
-    tr, va = open_dataset(config["data"]).split_by_identity(config["val_fraction"], config["seed"])
+    tr, va = open_dataset(config["data"][0]).split_by_identity(config["val_fraction"], config["seed"])
     ck["step"] = int(ck["step"]) + 1
     torch.save(ck, tmp_path / "shifted.pt")
     ref = _final_weights(signalled["root"] / "ref")

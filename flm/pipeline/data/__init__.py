@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from flm.errors import DatasetError, UsageError
+from flm.errors import DatasetError, SpecError, UsageError
 from flm.images import load_image
+from flm.spec import scheme_index
 
 log = logging.getLogger("flm")
 
@@ -54,6 +55,18 @@ class LandmarkDataset:
 
     def subset(self, idx, suffix: str) -> "LandmarkDataset":
         return LandmarkDataset(f"{self.name}[{suffix}]", self.scheme, [self.samples[i] for i in idx])
+
+    def mapped(self, scheme: str) -> "LandmarkDataset":
+        """The same faces with their points in `scheme` (e.g. WFLW's 98 -> the 68 iBUG points)."""
+        try:
+            idx = scheme_index(self.scheme, scheme)
+        except SpecError as e:
+            raise UsageError(f"{self.name} ({self.scheme}, {self.num_points} points): {e}", example="flm train --data wflw:FILE.txt  (98 points -> "
+                                                          "68 through the standard map)") from None
+        if idx is None:
+            return self
+        samples = [replace(s, points=s.points[list(idx)]) for s in self.samples]
+        return LandmarkDataset(self.name, scheme, samples, self.skipped)
 
     def split_by_identity(self, val_fraction: float = 0.15, seed: int = 0):
         """(train, val) with whole identities held out, chosen by a salted hash of the name.
@@ -107,6 +120,53 @@ def open_dataset(spec: str, skip_bad: bool = False) -> LandmarkDataset:
     if ds.skipped:
         log.warning("%s: skipped %d bad sample(s); first: %s", spec, len(ds.skipped), ds.skipped[0])
     return ds
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `--data` entry: `FORMAT:PATH[@WEIGHT]`. Its faces are drawn WEIGHT times per epoch (2 = each
+    face twice, 0.5 = a random half) and follow the annotation convention named `convention` (the
+    folder or file name), which gets its own output head when several conventions train together."""
+
+    spec: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Source":
+        spec, at, weight = text.rpartition("@") if "@" in text else (text, "", "")
+        if at:
+            try:
+                w = float(weight)
+            except ValueError:
+                w = float("nan")
+            if not (np.isfinite(w) and w > 0):
+                raise UsageError(f"--data {text!r}: the weight after '@' must be a positive number, got "
+                                 f"{weight!r}", example="flm train --data ibug-pts:../shared/data/300w-train@2")
+        return cls(spec, w if at else 1.0)
+
+    @property
+    def convention(self) -> str:
+        fmt, _, path = self.spec.partition(":")
+        if fmt == "synthetic":
+            return fmt
+        return Path(path.rstrip("/")).stem if path and Path(path).stem else fmt
+
+
+def open_sources(texts: list[str], scheme: str, skip_bad: bool = False) -> list[tuple[Source, LandmarkDataset]]:
+    """Open every `--data` source, decoded and mapped to the model's landmark `scheme`. Every source
+    is checked before any is read in full, so a bad one is reported first."""
+    sources = [Source.parse(t) for t in texts]
+    opened = []
+    for src in sources:
+        ds = open_dataset(src.spec, skip_bad=skip_bad)
+        try:
+            ds = ds.mapped(scheme)
+        except UsageError as e:
+            first = f"; the run's first source is {sources[0].spec!r}" if src is not sources[0] else ""
+            raise UsageError(f"--data {src.spec!r} cannot join a {scheme} run: {e.args[0]}{first}",
+                             example=e.example) from None
+        opened.append((src, ds))
+    return [(src, drop_undecodable(ds, skip_bad)) for src, ds in opened]
 
 
 def drop_undecodable(ds: LandmarkDataset, skip_bad: bool = False, workers: int = 4) -> LandmarkDataset:

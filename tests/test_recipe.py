@@ -1,0 +1,63 @@
+"""`flm train --recipe`: stages from a TOML file, run end to end, skipped when done, resumed when not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flm.errors import UsageError
+from flm.pipeline.recipe import load_recipe
+from tests.reliability.helpers import REPO, flm
+
+
+def test_the_shipped_models_recipe_reads_and_chains_its_stages():
+    base, stages = load_recipe(REPO / "recipes" / "flm-68.toml")
+    names = [n for n, _ in stages]
+    assert names[:8] == [f"s{k}" for k in range(1, 9)] and base == Path("runs/flm-68")
+    cfg = dict(stages)
+    assert cfg["s1"].init is None and cfg["s1"].augment.flip == 0.5 and cfg["s2"].augment.flip == 0
+    assert cfg["s8"].init == str(base / "s7" / "best.pt") and cfg["s8"].augment.box_jitter == pytest.approx(0.025)
+    last = stages[-1][1]
+    assert len(last.data) == 2 and last.augment.pose == pytest.approx(0.4) and "split" in last.val
+
+
+@pytest.mark.parametrize("text, words", [
+    ('out = "r"\n[[stage]]\nname = "a"\nepochz = 3\n', "stage 'a': unknown key(s) epochz"),
+    ('out = "r"\n[[stage]]\nname = "a"\ninit = "zz"\n', "init 'zz' is neither an earlier stage"),
+    ('out = "r"\n[[stage]]\nname = "a"\naug_pose = 2\n', "--aug-pose is a probability"),
+    ('out = "r"\n[[stage]]\nname = "a"\n[[stage]]\nname = "a"\n', "two stages are named 'a'"),
+    ('[[stage]]\nname = "a"\n', "expected 'out"),
+    ('out = "r"\nstage = [', "not valid TOML"),
+])
+def test_a_bad_recipe_is_refused_before_any_stage_runs(tmp_path, text, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=None) as e:
+        load_recipe(path)
+    assert words in str(e.value)
+
+
+def test_the_smoke_recipe_runs_end_to_end_then_skips_what_is_done_and_resumes_the_rest(tmp_path):
+    recipe = REPO / "recipes" / "smoke.toml"
+    r = flm("train", "--recipe", recipe, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    base = tmp_path / "runs" / "recipe-smoke"
+    done = {n: json.loads((base / n / "done.json").read_text()) for n in ("s1", "s2")}
+    assert done["s1"]["epochs_done"] == 2 and done["s2"]["epochs_done"] == 1
+    assert "stage s1: best validation NME" in r.stdout and "stage s2" in r.stdout
+    # s2 starts from s1's weights: its spec records that
+    from flm.pipeline.checkpoint import read_checkpoint
+    assert "s1/best.pt" in json.loads(read_checkpoint(base / "s2" / "best.pt")["spec"])["training_data"]
+    # a rerun skips both stages: nothing is trained or rewritten
+    stamp = (base / "s2" / "last.pt").stat().st_mtime_ns
+    again = flm("train", "--recipe", recipe, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and "wrote" not in again.stderr
+    assert (base / "s2" / "last.pt").stat().st_mtime_ns == stamp
+    # an unfinished stage (no done.json) resumes from its last.pt instead of starting over
+    (base / "s2" / "done.json").unlink()
+    resumed = flm("train", "--recipe", recipe, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr and (base / "s2" / "done.json").is_file()
