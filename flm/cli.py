@@ -197,42 +197,65 @@ def _refuse_over_budget(model: str, img_size, width, budget: str) -> None:
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A best.pt / last.pt."),
-    data: str = typer.Option(..., "--data", "-d", help="FORMAT:PATH"),
-    norm: str = typer.Option("inter-ocular", help="inter-ocular|inter-pupil|bbox"),
-    threshold: float = typer.Option(0.08, help="Failure threshold (NME fraction) and CED/AUC limit."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
-    ced: Optional[Path] = typer.Option(None, "--ced", help="Write the CED curve as PNG."),
+    data: list[str] = typer.Option(..., "--data", "-d", help="FORMAT:PATH, repeatable: one table row each."),
+    norm: str = typer.Option("auto", help="auto (bbox for sets with yaw angles, like AFLW2000-3D, else "
+                             "inter-ocular) | inter-ocular | inter-pupil | bbox"),
+    threshold: float = typer.Option(0.08, help="Failure threshold (NME fraction) and CED/AUC limit; "
+                                    "10 %% is always reported beside it."),
+    convention: str = typer.Option("auto", help="Which output head of a model of several annotation "
+                                   "conventions: auto (the head named like the set's folder, else the "
+                                   "first) or a convention's name."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON."),
+    ced: Optional[Path] = typer.Option(None, "--ced", help="Write the CED curve of the first set as PNG."),
     skip_bad: bool = typer.Option(False, "--skip-bad"),
-    split: str = typer.Option("all", help="all | val | train: the identity split `flm train` makes "
-                              "(with --val-fraction and --seed), to score only the held-out people."),
+    split: str = typer.Option("all", help="all | val | train: the identity / photo split `flm train` makes "
+                              "(with --val-fraction and --seed), to score only the held-out faces."),
     val_fraction: float = typer.Option(0.15, help="Fraction of identities held out (with --split)."),
     seed: int = typer.Option(0, help="Seed of the identity split (with --split)."),
 ):
-    """NME mean/median, failure rate and CED AUC on a dataset (crops from the landmark box)."""
+    """NME mean/median, failure rate and CED AUC (at --threshold and 10 %) per dataset, crops from the landmark box."""
     from flm.pipeline.checkpoint import load_model
-    from flm.pipeline.data import drop_undecodable, open_dataset
-    from flm.pipeline.evaluate import evaluate as run_eval, write_report
+    from flm.pipeline.data import Source, drop_undecodable, open_dataset
+    from flm.pipeline.evaluate import default_norm, evaluate as run_eval, head_of, write_report
 
-    if norm not in ("inter-ocular", "inter-pupil", "bbox"):
+    if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
     if split not in ("all", "val", "train"):
         raise UsageError(f"unknown --split {split!r}", example="flm evaluate best.pt --data udacity:DIR --split val")
     model = load_model(checkpoint)
-    ds = drop_undecodable(open_dataset(data, skip_bad=skip_bad), skip_bad)
-    if split != "all":
-        ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
-    result = run_eval(model, ds, norm=norm, threshold=threshold)
-    write_report(result, json_out, ced)
-    t = Table(title=f"{checkpoint} on {ds.name}")
-    for col in ("images", f"NME mean ({norm})", "NME median", f"failure > {threshold:.0%}", "AUC"):
-        t.add_column(col, justify="right")
-    t.add_row(str(result["count"]), f"{100 * result['nme_mean']:.2f} %", f"{100 * result['nme_median']:.2f} %",
-              f"{100 * result['failure_rate']:.2f} %", f"{result['auc']:.4f}")
-    out_console.print(t)
-    if "yaw_bins" in result:
-        out_console.print("yaw bins: " + ", ".join(f"{k}: {100 * v:.2f} %" for k, v in result["yaw_bins"].items()
-                                                   if v is not None)
-                          + f"; mean {100 * result['yaw_balanced_nme']:.2f} %")
+    conventions = model.spec.conventions
+    if convention not in ("auto", *conventions):
+        raise UsageError(f"--convention {convention!r}: this model learnt {', '.join(conventions) or 'one convention'}",
+                         example=f"flm evaluate {checkpoint} --data FORMAT:PATH --convention auto")
+    results = []
+    for spec in data:
+        ds = drop_undecodable(open_dataset(spec, skip_bad=skip_bad), skip_bad).mapped(model.spec.scheme)
+        if split != "all":
+            ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
+        name = Source.parse(spec).convention if convention == "auto" else convention
+        set_norm = default_norm(ds) if norm == "auto" else norm
+        result = run_eval(model, ds, norm=set_norm, threshold=threshold, head=head_of(conventions, name))
+        result["convention"] = name if head_of(conventions, name) is not None else (conventions or ("",))[0]
+        results.append(result)
+    write_report(results[0] if len(results) == 1 else results, json_out, None)
+    if ced:
+        write_report(results[0], None, ced)
+    out_console.print(_evaluation_table(checkpoint, results, threshold))
+
+
+def _evaluation_table(checkpoint, results: list[dict], threshold: float) -> Table:
+    t = Table(title=f"{checkpoint}")
+    for col in ("dataset", "images", "norm", "NME mean", "NME median", f"FR {threshold:.0%}", f"AUC {threshold:.0%}",
+                "FR 10%", "AUC 10%", "yaw 0-30 / 30-60 / 60-90 (mean)"):
+        t.add_column(col, justify="left" if col in ("dataset", "norm") else "right", no_wrap=col == "dataset")
+    for r in results:
+        bins = r.get("yaw_bins")
+        yaw = ("-" if not bins else " / ".join("-" if v is None else f"{100 * v:.2f}" for v in bins.values())
+               + f" ({100 * r['yaw_balanced_nme']:.2f} %)")
+        t.add_row(r["dataset"], str(r["count"]), r["norm"], f"{100 * r['nme_mean']:.2f} %",
+                  f"{100 * r['nme_median']:.2f} %", f"{100 * r['failure_rate']:.2f} %", f"{r['auc']:.4f}",
+                  f"{100 * r['failure_rate_10']:.2f} %", f"{r['auc_10']:.4f}", yaw)
+    return t
 
 
 # --------------------------------------------------------------------------- stage commands

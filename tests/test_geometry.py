@@ -90,6 +90,10 @@ def test_nme_and_summary():
     s = nme_summary(e, 0.08)
     assert s["failure_rate"] == 0 and 0.5 < s["auc"] < 1
     assert nme_summary(np.array([0.5]), 0.08)["auc"] == 0
+    # 9 % fails at 8 % but not at 10 %; its AUC share is 1 - 0.09 / 0.10 there
+    s9 = nme_summary(np.array([0.09]), 0.08)
+    assert (s9["failure_rate"], s9["failure_rate_10"]) == (1.0, 0.0)
+    assert s9["auc"] == 0 and s9["auc_10"] == pytest.approx(0.1, abs=2e-3)
 
 
 def test_spec_round_trip_and_refusal():

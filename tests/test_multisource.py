@@ -213,3 +213,37 @@ def test_yaw_bins_use_the_absolute_wrapped_yaw():
     ds.samples[0].meta.pop("yaw")
     assert yaw_bin_masks(ds) is None
     assert callable(evaluate)
+
+
+# --------------------------------------------------------------------------- export of one convention
+
+
+def test_export_writes_the_chosen_conventions_head_and_verify_compares_with_that_head(tmp_path):
+    from flm.cli import main
+    from flm.exporters.onnx import open_onnx
+    from flm.exporters.parity import make_inputs, run_exported
+    from tests.export_helpers import randomised_model
+
+    one = randomised_model("shufflenet-heatmap", img_size=64)
+    many = build_model("shufflenet-heatmap", spec=one.spec.with_(conventions=("a", "b")))
+    many.load_state_dict(_init_state({"spec": one.spec.to_json(), "state_dict": one.state_dict()}, many))
+    with torch.no_grad():
+        many.heads[0].weight.mul_(-1.0)  # head b differs from head a
+    save_checkpoint(tmp_path / "m.pt", many.eval())
+    assert main(["export", str(tmp_path / "m.pt"), "--target", "onnx", "--convention", "b",
+                 "--out", str(tmp_path / "b"), "--samples", "2"]) == 0
+    exported = open_onnx(tmp_path / "b" / "model.onnx")
+    assert exported.spec.conventions == ("b",)
+    inputs = make_inputs(many.spec, 2)
+    got = run_exported(exported, inputs)["landmarks"]
+    x = torch.from_numpy(inputs.tensor)
+    with torch.no_grad():
+        head_b = many.decode(many(x, torch.ones(len(x), dtype=torch.long))).numpy()
+        head_a = many.decode(many(x)).numpy()
+    np.testing.assert_allclose(got, head_b, atol=1e-3)
+    assert np.abs(got - head_a).max() > 0.1  # the heads differ, so the check above can fail
+    assert main(["verify", str(tmp_path / "b" / "model.onnx"), "--against", str(tmp_path / "m.pt"),
+                 "--samples", "2"]) == 0
+    assert main(["export", str(tmp_path / "m.pt"), "--target", "onnx", "--convention", "zz",
+                 "--out", str(tmp_path / "z")]) == 2
+    assert not (tmp_path / "z").exists()

@@ -72,6 +72,9 @@ def export(
     samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", help="Inputs for the parity check."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="FORMAT:PATH for parity crops; default: generated faces."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the parity reports as JSON."),
+    convention: Optional[str] = typer.Option(None, "--convention", help="For a model trained on several "
+                                             "annotation conventions: the one the file outputs (default: "
+                                             "the first --data source's)."),
 ):
     """Export a checkpoint to ONNX and/or Core ML; every file is parity-checked before it is published."""
     from flm.exporters.coreml import INPUT_KINDS
@@ -93,8 +96,9 @@ def export(
 
     from flm.exporters.parity import make_inputs, report_table
     from flm.pipeline.checkpoint import load_model
+    from flm.pipeline.models import single_convention
 
-    model = load_model(checkpoint)
+    model = single_convention(load_model(checkpoint), convention)
     out_dir = out_dir or Path(checkpoint).parent / "export"
     inputs = make_inputs(model.spec, samples, data)
     reports, failures = [], []
@@ -135,9 +139,11 @@ def verify(
 
     from flm.exporters.parity import check, make_inputs, report_table
     from flm.pipeline.checkpoint import load_model
+    from flm.pipeline.models import single_convention
 
     opened = target.open_fn()(exported)  # a foreign or truncated file fails here, before any torch work
-    model = load_model(against)
+    # the file holds one of the checkpoint's convention heads: compare with that one
+    model = single_convention(load_model(against), (opened.spec.conventions or (None,))[0])
     inputs = make_inputs(model.spec, samples, data)
     with console.status(f"running {exported} on {len(inputs)} inputs ..."):
         report = check(opened, model, inputs, str(against))

@@ -224,3 +224,23 @@ def build_model(name: str, img_size: int | None = None, options: dict | None = N
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def single_convention(model: LandmarkModel, name: str | None = None) -> LandmarkModel:
+    """`model` with one output head, that of annotation convention `name` (default: its first), as an
+    exported file holds it: the spec then names that convention alone. Models of one convention
+    come back as they are."""
+    names = model.spec.conventions
+    if len(names) <= 1 and name in (None, *names):
+        return model
+    if name is not None and name not in names:
+        raise UsageError(f"--convention {name!r}: this model learnt {', '.join(names) or 'one convention'}",
+                         example=f"flm export best.pt --convention {names[0] if names else ''}")
+    name = name or names[0]
+    options = dict(getattr(model, "build_options", {}) or {})
+    one = build_model(model.spec.preset, options=options, spec=model.spec.with_(conventions=(name,)))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("out.", "heads."))}
+    state.update({f"out.{k}": v for k, v in model.convention_head(name).state_dict().items()})
+    one.load_state_dict(state)
+    one.build_options = options
+    return one.train(model.training)
