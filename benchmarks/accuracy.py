@@ -1,17 +1,26 @@
-"""Accuracy of flm's shipped model against the peers, on people no model was trained on.
+"""Accuracy of flm's shipped model against the peers, on three validation sets, in one run.
 
-    python benchmarks/accuracy.py [--model flm/assets/flm-68.onnx] [--json benchmarks/results/accuracy.json]
+    python benchmarks/accuracy.py [--model flm/assets/flm-68.onnx ...] [--json benchmarks/results/accuracy.json]
 
-Protocol (issue 6): ../shared/data/youtube-faces-68, validation split by identity exactly as
-`flm train` makes it (15 % of the people, chosen by a salted SHA-256 of the name, seed 0);
-NME normalised by the outer-eye-corner distance (points 36/45), median, failure rate at 8 %
-and AUC of the CED curve up to 8 %. Two variants, every system in the same run:
-  - gt-box: each system gets the tight box of the ground-truth landmarks and cuts its crop by
-    its own published convention (PFLD, Peppa: ../shared/peers/README.md; dlib: the box as its
-    rectangle; flm: its spec's crop rule via `FaceLandmarker.detect(image, boxes=...)`);
-  - detector: each system starts from a face detector (the same OpenCV Haar detector, with
-    flm's runtime settings, for flm, PFLD and Peppa; dlib's own HOG detector for dlib); the detection that best overlaps the true face is
-    used, and a missed face counts as a failure (its NME is not in the mean).
+The sets (../shared/data), each held out exactly as `flm train --val split` holds it out:
+  - youtube-faces-68: 15 % of the people (salted SHA-256 of the name, seed 0), inter-ocular NME
+    (outer eye corners 36/45);
+  - 300w-train: 15 % of the photos (AFW's PHOTO_FACE names keep a photo's faces together; the
+    same hash and seed), inter-ocular NME;
+  - aflw2000-3d-val: all 198 faces (validation only, never trained on), NME over the landmark
+    box sqrt(w*h), per |yaw| bin 0-30 / 30-60 / 60-90 and the mean of the three (the
+    AFLW2000-3D protocol).
+Every system is measured on the same faces in the same run, with median NME, failure rate and
+AUC of the CED curve at 8 % and 10 %. Variants:
+  - gt-box (all sets): each system gets the tight box of the ground-truth landmarks and cuts its
+    crop by its own published convention (PFLD, Peppa: ../shared/peers/README.md; dlib: the box as
+    its rectangle; flm: its spec's crop rule via `FaceLandmarker.detect(image, boxes=...)` with the
+    runtime's default refinement for an app's box);
+  - detector (youtube-faces-68 and 300w-train): each system starts from a face detector (the same
+    OpenCV Haar detector, with flm's runtime settings, for flm, PFLD and Peppa; dlib's own HOG
+    detector for dlib); the detection whose box best overlaps the true face is used - flm's by its
+    `detection_box`, like the peers' - and a missed face counts as a failure (its NME is not in
+    the mean).
 """
 
 from __future__ import annotations
@@ -29,8 +38,16 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flm.geometry import landmark_box, nme, nme_summary, normaliser  # noqa: E402
+from flm.geometry import YAW_BINS, landmark_box, nme, nme_summary, normaliser, yaw_bins  # noqa: E402
 from flm.pipeline.data import open_dataset  # noqa: E402  (torch-free)
+
+SHARED = ROOT.parent / "shared" / "data"
+# name -> (FORMAT:PATH, how its validation part is chosen, NME normaliser, detector variant?)
+SETS = {
+    "youtube-faces-68": (f"udacity:{SHARED / 'youtube-faces-68'}", "split", "inter-ocular", True),
+    "300w-train": (f"ibug-pts:{SHARED / '300w-train'}", "split", "inter-ocular", True),
+    "aflw2000-3d-val": (f"aflw2000:{SHARED / 'aflw2000-3d-val'}", "all", "bbox", False),
+}
 
 PEERS = ROOT.parent / "shared" / "peers"
 DLIB_DAT = Path("/usr/share/dlib/shape_predictor_68_face_landmarks.dat")
@@ -111,13 +128,12 @@ class Flm:
         from flm.runtime import FaceLandmarker, FaceLandmarkerOptions
         self.name = f"flm ({Path(model_path).name})"
         self.lm = FaceLandmarker.create(str(model_path), FaceLandmarkerOptions(threads=2))
-        self.lm_gt = FaceLandmarker.create(str(model_path), FaceLandmarkerOptions(threads=2, refine=0))
 
     def __call__(self, rgb, box):
-        return self.lm_gt.detect(rgb[:, :, ::-1], boxes=[box]).faces[0].landmarks
+        return self.lm.detect(rgb[:, :, ::-1], boxes=[box]).faces[0].landmarks
 
     def detect_and_predict(self, rgb):
-        return [(f.box, f.landmarks) for f in self.lm.detect(rgb[:, :, ::-1]).faces]
+        return [(f.detection_box, f.landmarks) for f in self.lm.detect(rgb[:, :, ::-1]).faces]
 
 
 HAAR = None
@@ -138,31 +154,42 @@ def iou(a, b) -> float:
     return float(box_iou(a, b)[0, 0])
 
 
-def run(systems, samples, variant):
+def predict(sys_, s, variant):
+    """(landmarks, or None for a missed face) of one system on one sample."""
+    rgb = s.load()
+    box = landmark_box(s.points)
+    if variant == "gt-box":
+        return sys_(rgb, box)
+    if hasattr(sys_, "detect_and_predict"):
+        cands = sys_.detect_and_predict(rgb)
+    else:
+        boxes = sys_.detect(rgb) if hasattr(sys_, "detect") else haar_boxes(rgb)
+        cands = [(b, None) for b in boxes]
+    best = max(cands, key=lambda c: iou(c[0], box), default=None)
+    if best is None or iou(best[0], box) < 0.2:
+        return None
+    return best[1] if best[1] is not None else sys_(rgb, best[0])
+
+
+def run(systems, ds, variant, norm):
     results = {}
+    bins = yaw_bins([s.meta["yaw"] for s in ds.samples]) if norm == "bbox" else None
     for sys_ in systems:
-        errs, missed, t0 = [], 0, time.perf_counter()
-        for s in samples:
-            rgb = s.load()
-            gt = s.points.astype(np.float64)
-            box = landmark_box(gt)
-            if variant == "gt-box":
-                pred = sys_(rgb, box)
-            else:
-                if hasattr(sys_, "detect_and_predict"):
-                    cands = sys_.detect_and_predict(rgb)
-                else:
-                    boxes = sys_.detect(rgb) if hasattr(sys_, "detect") else haar_boxes(rgb)
-                    cands = [(b, None) for b in boxes]
-                best = max(cands, key=lambda c: iou(c[0], box), default=None)
-                if best is None or iou(best[0], box) < 0.2:
-                    missed += 1
-                    continue
-                pred = best[1] if best[1] is not None else sys_(rgb, best[0])
-            errs.append(float(nme(pred[None], gt[None], normaliser(gt[None], "inter-ocular", "ibug68"))[0]))
-        summ = nme_summary(np.array(errs))
-        summ["missed"] = missed
-        summ["failure_rate"] = (summ["failure_rate"] * len(errs) + missed) / len(samples)
+        errs, t0 = np.full(len(ds), np.nan), time.perf_counter()
+        for j, s in enumerate(ds.samples):
+            pred = predict(sys_, s, variant)
+            if pred is not None:
+                gt = s.points.astype(np.float64)[None]
+                errs[j] = float(nme(np.asarray(pred)[None], gt, normaliser(gt, norm, "ibug68"))[0])
+        found = ~np.isnan(errs)
+        summ = nme_summary(errs[found])
+        summ["missed"] = int((~found).sum())
+        for key in ("failure_rate", "failure_rate_10"):  # a missed face is a failure
+            summ[key] = (summ[key] * found.sum() + summ["missed"]) / len(ds)
+        if bins is not None:
+            summ["yaw_bins"] = {k: float(np.nanmean(errs[m])) if m.any() else None for k, m in bins.items()}
+            summ["yaw_counts"] = {k: int(m.sum()) for k, m in bins.items()}
+            summ["yaw_balanced_nme"] = float(np.mean([v for v in summ["yaw_bins"].values() if v is not None]))
         summ["seconds"] = round(time.perf_counter() - t0, 1)
         results[sys_.name] = summ
         print(f"  {variant:8s} {sys_.name:32s} NME {100 * summ['nme_mean']:.2f} %  ({summ['seconds']} s)",
@@ -170,23 +197,16 @@ def run(systems, samples, variant):
     return results
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=f"udacity:{ROOT.parent / 'shared/data/youtube-faces-68'}")
-    ap.add_argument("--model", default=str(ROOT / "flm/assets/flm-68.onnx"), help="flm ONNX file")
-    ap.add_argument("--val-fraction", type=float, default=0.15)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default="gt-box,detector")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"))
-    args = ap.parse_args(argv)
+def validation_part(spec: str, how: str, val_fraction: float, seed: int):
+    ds = open_dataset(spec)
+    return ds.split_by_identity(val_fraction, seed)[1] if how == "split" else ds
 
-    ds = open_dataset(args.data)
-    _, val = ds.split_by_identity(args.val_fraction, args.seed)
-    n_people = len({s.identity for s in val.samples})
-    print(f"held-out people: {n_people}, faces: {len(val)}", file=sys.stderr)
-    systems = [Flm(args.model)] if Path(args.model).exists() else []
-    if not systems:
-        print(f"warning: {args.model} not found; measuring peers only", file=sys.stderr)
+
+def systems_for(models: list[str]):
+    systems = [Flm(m) for m in models if Path(m).exists()]
+    for m in models:
+        if not Path(m).exists():
+            print(f"warning: {m} not found; not measured", file=sys.stderr)
     systems += [cls() for cls in (PFLD, Peppa) if (PEERS / cls.file).exists()]
     try:
         if DLIB_DAT.exists():
@@ -195,22 +215,56 @@ def main(argv=None):
             print("dlib: skipped (apt-get install libdlib-data)", file=sys.stderr)
     except ImportError:
         print("dlib: skipped (pip install dlib-bin)", file=sys.stderr)
+    return systems
 
-    report = {"data": args.data, "split": f"identity, {args.val_fraction:.0%} of people, seed {args.seed}",
-              "people": n_people, "faces": len(val), "norm": "inter-ocular (36/45)", "variants": {}}
-    for variant in args.variants.split(","):
-        report["variants"][variant] = run(systems, val.samples, variant)
 
+def print_tables(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    for variant, res in report["variants"].items():
-        t = Table(title=f"{variant}: {len(val)} faces of {n_people} held-out people")
-        for c in ("system", "NME mean", "NME median", "failure >8%", "AUC@8%", "missed"):
-            t.add_column(c, justify="right" if c != "system" else "left")
-        for name, r in sorted(res.items(), key=lambda kv: kv[1]["nme_mean"]):
-            t.add_row(name, f"{100 * r['nme_mean']:.2f} %", f"{100 * r['nme_median']:.2f} %",
-                      f"{100 * r['failure_rate']:.1f} %", f"{r['auc']:.3f}", str(r["missed"]))
-        Console().print(t)
+    for name, entry in report["sets"].items():
+        for variant, res in entry["variants"].items():
+            t = Table(title=f"{name}, {variant}: {entry['faces']} faces ({entry['held_out']}), NME {entry['norm']}")
+            cols = ["system", "NME mean", "median", "FR 8%", "AUC 8%", "FR 10%", "AUC 10%", "missed"]
+            if entry["norm"] == "bbox":
+                cols[2:2] = [f"yaw {k}" for k in YAW_BINS] + ["yaw-balanced"]
+            for c in cols:
+                t.add_column(c, justify="left" if c == "system" else "right")
+            key = "yaw_balanced_nme" if entry["norm"] == "bbox" else "nme_mean"
+            for sys_name, r in sorted(res.items(), key=lambda kv: kv[1][key]):
+                row = [sys_name, f"{100 * r['nme_mean']:.2f} %", f"{100 * r['nme_median']:.2f} %",
+                       f"{100 * r['failure_rate']:.1f} %", f"{r['auc']:.3f}", f"{100 * r['failure_rate_10']:.1f} %",
+                       f"{r['auc_10']:.3f}", str(r["missed"])]
+                if entry["norm"] == "bbox":
+                    row[2:2] = [f"{100 * v:.2f} %" for v in r["yaw_bins"].values()] + [f"{100 * r[key]:.2f} %"]
+                t.add_row(*row)
+            Console(width=200).print(t)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", help="flm ONNX file (repeatable; default: the shipped model)")
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
+    ap.add_argument("--val-fraction", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="gt-box,detector")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"))
+    args = ap.parse_args(argv)
+
+    systems = systems_for(args.model or [str(ROOT / "flm/assets/flm-68.onnx")])
+    report = {"sets": {}}
+    for name in args.sets.split(","):
+        spec, how, norm, detector = SETS[name]
+        ds = validation_part(spec, how, args.val_fraction, args.seed)
+        held = (f"{len({s.identity for s in ds.samples})} held-out {'people' if 'udacity' in spec else 'photos'}"
+                if how == "split" else "validation split, never trained on")
+        print(f"{name}: {len(ds)} faces, {held}", file=sys.stderr)
+        entry = {"data": spec, "faces": len(ds), "held_out": held, "norm": norm, "variants": {}}
+        for variant in args.variants.split(","):
+            if variant == "detector" and not detector:
+                continue
+            entry["variants"][variant] = run(systems, ds, variant, norm)
+        report["sets"][name] = entry
+    print_tables(report)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.json + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))

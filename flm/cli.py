@@ -78,6 +78,9 @@ def train(
     aug_crop: float = typer.Option(1.0, "--aug-crop", help="Scale of the crop jitter (box edges, zoom, "
                                    "shift), which stands for a face detector's box error: 0 none, 1 the "
                                    "defaults."),
+    aug_flip_for: Optional[list[str]] = typer.Option(None, "--aug-flip-for", help="NAME=P: flip probability "
+                                                     "for the faces of one convention (a --data folder name), "
+                                                     "e.g. 300w-train=0.5 beside --aug-flip 0; repeatable."),
     aug_pose: float = typer.Option(0.0, "--aug-pose", help="Probability of turning a face out of plane "
                                    "(a generic 3-D face fitted to its points, up to --aug-pose-yaw degrees)."),
     aug_pose_yaw: float = typer.Option(50.0, "--aug-pose-yaw", help="Largest added yaw of --aug-pose, degrees."),
@@ -111,13 +114,27 @@ def train(
     if not ignore_budget:
         _refuse_over_budget(model, img_size, width, budget)
     augment = AugmentConfig.from_options(aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw)
+    flip_for = dict(_name_probability(item) for item in aug_flip_for or [])
     cfg = TrainConfig(model=model, data=list(data or [f"synthetic:{synthetic_n}"]), val=list(val or ["split"]),
                       select=select, heads=heads, val_fraction=val_fraction,
                       epochs=epochs or (30 if data else 4), batch_size=batch_size, lr=lr, img_size=img_size,
                       width=width, out=str(out), device=device, seed=seed, workers=workers,
                       max_steps=max_steps, resume=str(resume) if resume else None,
-                      init=str(init) if init else None, augment=augment, skip_bad=skip_bad)
+                      init=str(init) if init else None, augment=augment, flip_for=flip_for, skip_bad=skip_bad)
     _train_progress(cfg)
+
+
+def _name_probability(item: str) -> tuple[str, float]:
+    """`--aug-flip-for NAME=P` -> (NAME, P)."""
+    name, _, p = item.partition("=")
+    try:
+        value = float(p)
+    except ValueError:
+        value = -1.0
+    if not name or not 0 <= value <= 1:
+        raise UsageError(f"--aug-flip-for {item!r}: expected NAME=P with P between 0 and 1",
+                         example="flm train --aug-flip 0 --aug-flip-for 300w-train=0.5")
+    return name, value
 
 
 def _train_progress(cfg) -> dict:

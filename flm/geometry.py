@@ -240,6 +240,15 @@ def _failure_and_auc(sorted_errors: np.ndarray, threshold: float) -> tuple[float
     return failure, float(np.trapezoid(ced, xs) / threshold)
 
 
+YAW_BINS = {"0-30": (0.0, 30.0), "30-60": (30.0, 60.0), "60-90": (60.0, float("inf"))}  # |yaw|, degrees
+
+
+def yaw_bins(yaws: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks of the AFLW2000-3D protocol's |yaw| bins (angles already wrapped to (-180, 180])."""
+    yaw = np.abs(np.asarray(yaws, np.float64))
+    return {k: (yaw >= lo) & (yaw < hi) for k, (lo, hi) in YAW_BINS.items()}
+
+
 def ced_curve(errors: np.ndarray, threshold: float = 0.08, n: int = 101):
     e = np.sort(np.asarray(errors, np.float64))
     xs = np.linspace(0, threshold, n)

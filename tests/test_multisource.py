@@ -247,3 +247,24 @@ def test_export_writes_the_chosen_conventions_head_and_verify_compares_with_that
     assert main(["export", str(tmp_path / "m.pt"), "--target", "onnx", "--convention", "zz",
                  "--out", str(tmp_path / "z")]) == 2
     assert not (tmp_path / "z").exists()
+
+
+def test_flips_can_be_set_per_convention(tmp_path):
+    """--aug-flip-for: faces of one source flip, the others never do (their labels may not mirror)."""
+    from flm.pipeline.evaluate import CropDataset
+    a, b = open_dataset("synthetic:6:1"), open_dataset("synthetic:6:2")
+    spec = build_model("shufflenet-heatmap", 64).spec
+    base = AugmentConfig.off()
+    flips = [AugmentConfig.from_options(0, 0, 1.0)] * len(a) + [base] * len(b)
+    from flm.pipeline.data import LandmarkDataset
+    both = LandmarkDataset("ab", "ibug68", a.samples + b.samples)
+    ds = CropDataset(both, spec, flips, seed=0)
+    plain = CropDataset(both, spec, None)
+    for i in range(len(both)):
+        _, pts, _ = ds[(i, 0)]
+        _, ref, _ = plain[(i, 0)]
+        mirrored = np.allclose(pts.numpy()[36, 0], 63 - ref.numpy()[45, 0], atol=1e-3)
+        assert mirrored == (i < len(a))
+    from tests.reliability.helpers import flm
+    r = flm("train", "--aug-flip-for", "300w-train=2", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "expected NAME=P with P between 0 and 1" in r.stderr

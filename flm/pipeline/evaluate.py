@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flm.fileio import atomic_path, log_written
 from flm.geometry import (crop_matrix, ced_curve, invert_affine, landmark_box, nme, nme_summary,
-                          normaliser, to_model_input, transform_points, warp)
+                          normaliser, to_model_input, transform_points, warp, yaw_bins)
 from flm.pipeline.augment import AugmentConfig, make_crop
 from flm.pipeline.data import LandmarkDataset
 from flm.spec import ModelSpec, scheme_index
@@ -32,8 +32,10 @@ class CropDataset(Dataset):
     the epoch and the sample — the same in any worker, and the same after `--resume`.
     """
 
-    def __init__(self, ds: LandmarkDataset, spec: ModelSpec, aug: AugmentConfig | None = None,
+    def __init__(self, ds: LandmarkDataset, spec: ModelSpec, aug: AugmentConfig | list | None = None,
                  seed: int = 0, point_index=None):
+        """`aug`: one augmentation for every face, or a list with one per face (e.g. flips for the
+        sources whose labels are mirror-consistent only)."""
         self.ds, self.spec, self.aug, self.seed = ds, spec, aug, seed
         self.point_index = point_index  # e.g. the 12 eye points of a 68-point set
 
@@ -45,8 +47,9 @@ class CropDataset(Dataset):
         s = self.ds.samples[i]
         img = s.load()
         pts = s.points if self.point_index is None else s.points[self.point_index]
-        rng = np.random.default_rng([self.seed, epoch, i]) if self.aug else None
-        crop, cpts = make_crop(img, pts, self.spec, rng, self.aug)
+        aug = self.aug[i] if isinstance(self.aug, list) else self.aug
+        rng = np.random.default_rng([self.seed, epoch, i]) if aug else None
+        crop, cpts = make_crop(img, pts, self.spec, rng, aug)
         if self.spec.color_order == "BGR":
             crop = crop[:, :, ::-1]
         x = to_model_input(crop, self.spec.channels, self.spec.mean, self.spec.std)
@@ -83,16 +86,12 @@ def predict_crops(model, ds: LandmarkDataset, batch_size: int = 64, device="cpu"
     return np.concatenate(preds), np.concatenate(gts)
 
 
-YAW_BINS = {"0-30": (0.0, 30.0), "30-60": (30.0, 60.0), "60-90": (60.0, float("inf"))}
-
-
 def yaw_bin_masks(ds: LandmarkDataset) -> dict[str, np.ndarray] | None:
-    """|yaw| bins of the AFLW2000-3D protocol, or None when some face has no yaw."""
+    """|yaw| bins of the AFLW2000-3D protocol (`flm.geometry.YAW_BINS`), or None when some face has no yaw."""
     yaws = [s.meta.get("yaw") for s in ds.samples]
     if not yaws or any(y is None for y in yaws):
         return None
-    yaw = np.abs(np.asarray(yaws, np.float64))
-    return {k: (yaw >= lo) & (yaw < hi) for k, (lo, hi) in YAW_BINS.items()}
+    return yaw_bins(np.asarray(yaws, np.float64))
 
 
 def default_norm(ds: LandmarkDataset) -> str:

@@ -67,6 +67,10 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
     elif init is not None and not Path(init).is_file():
         raise UsageError(f"{where}: init {init!r} is neither an earlier stage ({', '.join(earlier) or 'none'}) "
                          "nor a checkpoint file", example='init = "s1"')
+    flips = keys.get("flip_for", {})
+    if not isinstance(flips, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in flips.values()):
+        raise UsageError(f"{where}: flip_for maps convention names to flip probabilities (0-1), got {flips!r}",
+                         example='flip_for = { "300w-train" = 0.5 }')
     for k in ("data", "val"):
         if k in keys and isinstance(keys[k], str):
             keys[k] = [keys[k]]

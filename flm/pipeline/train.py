@@ -23,7 +23,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,7 @@ class TrainConfig:
     heatmap_weight: float = 0.5  # weight of the heatmap KL term next to the coordinate L1 term
     heatmap_sigma: float = 1.0  # target Gaussian sigma, in heatmap cells
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    flip_for: dict = field(default_factory=dict)  # convention -> flip probability, instead of augment.flip
     max_steps: int | None = None  # stop early (tests, smoke runs)
     resume: str | None = None
     init: str | None = None  # start from these weights (fine-tuning, e.g. at a larger --img-size)
@@ -346,7 +347,11 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
     weights = np.concatenate([np.full(len(ds), src.weight) for src, ds in sources])
     head_of_face = torch.tensor([conventions.index(src.convention) if conventions else 0
                                  for src, ds in sources for _ in ds.samples])
-    ds = CropDataset(train_ds, spec, cfg.augment, cfg.seed, point_subset(spec, train_ds))
+    augs = {src.convention: replace(cfg.augment, flip=cfg.flip_for.get(src.convention, cfg.augment.flip))
+            for src, _ in sources}
+    per_face = [augs[src.convention] for src, ds in sources for _ in ds.samples]
+    ds = CropDataset(train_ds, spec, per_face if cfg.flip_for else cfg.augment, cfg.seed,
+                     point_subset(spec, train_ds))
     sampler = EpochSampler(len(ds), cfg.seed, rank=rank, world=world, weights=weights)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         worker_init_fn=_ignore_stop_signals,
