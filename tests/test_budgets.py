@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 import onnx
@@ -157,6 +158,91 @@ def test_ensemble_checkpoint_fails(tmp_path, small_model):
     assert measure_checkpoint(tmp_path / "t.pt").models == 2
 
 
+def another(seed: int, width: float = 0.5) -> dict:
+    """The state_dict of another model of the same preset (other random weights)."""
+    torch.manual_seed(seed)
+    return build_model("shufflenet-heatmap", 64, {"width": width}).state_dict()
+
+
+@pytest.mark.parametrize("where", ["members", "deep-list", "tuple"])
+def test_a_second_model_anywhere_in_a_checkpoint_fails(tmp_path, small_model, where):
+    extra = {"members": {"members": {"a": another(1), "b": another(2)}},
+             "deep-list": {"history": {"runs": [1, "two", {"weights": [another(1)]}]}},
+             "tuple": {"backup": {"old": (another(1),)}}}[where]
+    torch.save(payload(small_model, **extra), tmp_path / "m.pt")
+    m = measure_checkpoint(tmp_path / "m.pt")
+    assert verdict(m) == {**ALL_PASS, "models": False}
+    assert m.model_labels == {"members": ["state_dict", "members.a", "members.b"],
+                              "deep-list": ["state_dict", "history.runs[2].weights[0]"],
+                              "tuple": ["state_dict", "backup.old[0]"]}[where]
+    assert main(["check-budget", str(tmp_path / "m.pt")]) == 1
+
+
+def test_two_copies_under_prefixes_in_one_state_dict_fail(tmp_path, small_model):
+    sd = {f"member{i}.{k}": v for i, s in enumerate((another(1), another(2))) for k, v in s.items()}
+    torch.save(payload(small_model, state_dict=sd), tmp_path / "p.pt")
+    m = measure_checkpoint(tmp_path / "p.pt")
+    assert m.models == 1 and verdict(m) == {**ALL_PASS, "models": False}
+    assert len(m.unused_weights) == len(sd) and any("missing from its state_dict" in n for n in m.notes)
+    with pytest.raises(BudgetExceeded, match=r"models: 1; \d+ tensor\(s\) beside it that the model does not use: "
+                                             r"state_dict\['member0\.[^]]+'\].* and \d+ more"):
+        enforce(evaluate(m))
+
+
+def test_weights_beside_the_model_fail_and_are_named(tmp_path, small_model):
+    sd = dict(small_model.state_dict())
+    sd["spare.weight"] = torch.randn(64, 64)  # capacity the model never reads
+    torch.save(payload(small_model, state_dict=sd), tmp_path / "spare.pt")
+    m = measure_checkpoint(tmp_path / "spare.pt")
+    assert verdict(m) == {**ALL_PASS, "models": False} and m.unused_weights == ["state_dict['spare.weight']"]
+    assert "state_dict['spare.weight']" in next(r.measured for r in evaluate(m) if r.rule == "models")
+    sd = dict(small_model.state_dict())
+    sd["out.weight"] = torch.randn(*sd["out.weight"].shape[:-1], 3, 3)  # a known name, a bigger shape
+    torch.save(payload(small_model, state_dict=sd), tmp_path / "grown.pt")
+    assert measure_checkpoint(tmp_path / "grown.pt").unused_weights == ["state_dict['out.weight']"]
+
+
+def test_a_model_hidden_in_training_state_fails(tmp_path, small_model):
+    hidden = {"state": {}, "param_groups": [], "members": {"a": another(1, width=1.0)}}
+    torch.save(payload(small_model, optimizer=hidden), tmp_path / "o.pt")
+    m = measure_checkpoint(tmp_path / "o.pt")
+    assert verdict(m) == {**ALL_PASS, "models": False}
+    assert all(w.startswith("optimizer.members.a.") for w in m.unused_weights)
+    torch.save(payload(small_model, torch_rng=torch.randint(0, 255, (10_000,), dtype=torch.uint8)), tmp_path / "r.pt")
+    assert measure_checkpoint(tmp_path / "r.pt").unused_weights == ["torch_rng"]
+
+
+def test_extra_heads_pass_only_when_the_spec_builds_them(tmp_path, small_model):
+    # the model is rebuilt from the checkpoint's own spec: heads its spec asks for are its own
+    spec = small_model.spec.with_(conventions=("ibug68", "menpo68"))
+    torch.manual_seed(0)
+    model = build_model("shufflenet-heatmap", spec=spec, options={"width": 0.5})
+    sd = model.state_dict()
+    assert len(sd) > len(small_model.state_dict())
+    torch.save(payload(small_model, spec=spec.to_json(), state_dict=sd), tmp_path / "heads.pt")
+    assert verdict(measure_checkpoint(tmp_path / "heads.pt")) == ALL_PASS
+    torch.save(payload(small_model, state_dict=sd), tmp_path / "smuggled.pt")  # same weights, one-head spec
+    assert verdict(measure_checkpoint(tmp_path / "smuggled.pt")) == {**ALL_PASS, "models": False}
+
+
+def test_an_integer_tensor_in_place_of_a_weight_is_a_weight(tmp_path, small_model):
+    sd = dict(small_model.state_dict())
+    sd["out.bias"] = (sd["out.bias"] * 1000).to(torch.int32)  # 68 values: "small", but it is a weight
+    torch.save(payload(small_model, state_dict=sd), tmp_path / "i.pt")
+    m = measure_checkpoint(tmp_path / "i.pt")
+    assert verdict(m) == {**ALL_PASS, "dtypes": False} and m.weight_dtypes["int32"].tensors == 1
+    assert m.bookkeeping_dtypes["int64"].tensors > 0  # BatchNorm's num_batches_tracked stays bookkeeping
+
+
+def test_measuring_a_checkpoint_without_torch_names_the_extra(tmp_path, small_model, monkeypatch):
+    path = save_checkpoint(tmp_path / "best.pt", small_model)
+    monkeypatch.setitem(sys.modules, "torch", None)  # a runtime-only install: `import torch` fails
+    with pytest.raises(UsageError, match=r"measuring a checkpoint needs torch") as e:
+        measure(str(path))
+    assert e.value.example == "pip install 'flm[train]'"
+    assert main(["check-budget", str(path)]) == 2
+
+
 def test_weightless_checkpoints_fail(tmp_path, small_model):
     zeros = {k: torch.zeros_like(v) for k, v in small_model.state_dict().items()}
     torch.save(payload(small_model, state_dict=zeros), tmp_path / "z.pt")
@@ -261,6 +347,70 @@ def test_onnx_constant_node_weights_are_found(tmp_path):
     assert verdict(m) == {**ALL_PASS, "dtypes": False} and m.weight_dtypes["float16"].elements == 64
 
 
+def int_weights_onnx(how: str) -> onnx.ModelProto:
+    """x (1, 32) @ W with W stored as a 32x32 integer tensor, the way quantized weights smuggle in:
+    "initializer"/"constant": int32 q (an initializer / a Constant node), W = Cast(q) * 0.01;
+    "codebook": int64 indices into a 16-value float table, W = Gather(table, indices)."""
+    q = (rand(32, 32) * 50).astype(np.int32)
+    nodes = [helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["qf", "scale"], ["w"])]
+    inits = [numpy_helper.from_array(np.array(0.01, np.float32), "scale")]
+    if how == "initializer":
+        inits.append(numpy_helper.from_array(q, "q"))
+    elif how == "constant":
+        nodes.insert(0, helper.make_node("Constant", [], ["q"], value=numpy_helper.from_array(q, "q")))
+    else:
+        inits = [numpy_helper.from_array(rand(16), "table"),
+                 numpy_helper.from_array(np.abs(q).astype(np.int64) % 16, "idx")]
+        nodes = [helper.make_node("Gather", ["table", "idx"], ["w"])]
+    nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("how", ["initializer", "constant", "codebook"])
+def test_onnx_integer_weights_fail_the_float32_rule(tmp_path, how):
+    import onnxruntime as ort
+
+    p = save(int_weights_onnx(how), tmp_path / f"{how}.onnx")
+    y = ort.InferenceSession(p).run(None, {"x": rand(1, 32)})[0]  # a real model: its weights do work
+    assert y.shape == (1, 32) and np.abs(y).max() > 0.1
+    m = measure_onnx(p)
+    dtype = "int64" if how == "codebook" else "int32"
+    assert m.weight_dtypes[dtype].elements == 1024 and dtype not in m.bookkeeping_dtypes
+    assert verdict(m) == {**ALL_PASS, "dtypes": False}
+    with pytest.raises(BudgetExceeded, match=f"dtypes: not allowed: {dtype}: 1 tensor"):
+        enforce(evaluate(m))
+
+
+def test_onnx_shape_and_index_integers_stay_bookkeeping(tmp_path):
+    """Integers that only shape the computation, directly or through shape arithmetic, are not weights."""
+    import onnxruntime as ort
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Constant", [], ["minus1"], value=numpy_helper.from_array(np.array([-1], np.int64))),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),  # indices into computed values
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus1"], ["to"], axis=0),  # shape arithmetic, then a shape
+             helper.make_node("Reshape", ["h", "to"], ["h2"]),
+             helper.make_node("ReduceSum", ["h2", "axes"], ["y"], keepdims=1)]
+    inits = [numpy_helper.from_array(rand(8, 8), "w"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    p = save(model, tmp_path / "shapes.onnx")
+    ort.InferenceSession(p).run(None, {"x": rand(1, 8)})
+    m = measure_onnx(p)
+    assert verdict(m) == ALL_PASS and set(m.weight_dtypes) == {"float32"}
+    assert m.bookkeeping_dtypes["int64"].tensors == 3
+
+
 def test_onnx_disconnected_networks_count_as_two(tmp_path):
     m = measure_onnx(save(onnx_model([rand(8, 8)], two_nets=True), tmp_path / "two.onnx"))
     assert m.models == 2 and verdict(m) == {**ALL_PASS, "models": False}
@@ -332,6 +482,52 @@ def test_coreml_float32_package_passes(coreml_packages):
     assert m.size_bytes == size_of(paths["fp32"]) and m.models == 1
     assert main(["check-budget", str(paths["fp32"])]) == 0
     assert main(["check-budget", str(paths["default"])]) == 1
+
+
+def test_coreml_integer_weights_fail_the_float32_rule(tmp_path):
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil import Builder as mb
+
+    from flm.exporters.mil_eval import MilProgram
+
+    q = (rand(32, 32) * 50).astype(np.int32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 32))], opset_version=ct.target.iOS16)
+    def prog(x):
+        w = mb.mul(x=mb.cast(x=mb.const(val=q), dtype="fp32"), y=np.float32(0.01))
+        return mb.matmul(x=mb.reshape(x=x, shape=[1, 32]), y=w, name="y")
+
+    # no optimisation passes: the converter would otherwise fold cast(q) * 0.01 into float32 weights
+    ml = ct.convert(prog, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
+                    minimum_deployment_target=ct.target.iOS16, pass_pipeline=ct.PassPipeline.EMPTY)
+    path = tmp_path / "int.mlpackage"
+    ml.save(str(path))
+    y = MilProgram(path).run({"x": np.ones((1, 32), np.float32)})["y"]  # a real program: its weights work
+    np.testing.assert_allclose(y, q.sum(0, keepdims=True) * 0.01, rtol=1e-5)
+    m = measure_coreml(path)
+    assert m.weight_dtypes["int32"].elements == 1024 and verdict(m) == {**ALL_PASS, "dtypes": False}
+    assert m.bookkeeping_dtypes["int32"].elements == 2  # reshape's shape stays bookkeeping
+
+
+def test_coreml_multifunction_package_is_two_models(coreml_packages, tmp_path):
+    ct = pytest.importorskip("coremltools")
+    paths, _ = coreml_packages
+    torch.manual_seed(1)
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    ml = ct.convert(torch.jit.trace(other, x), inputs=[ct.TensorType(name="x", shape=x.shape)],
+                    convert_to="mlprogram", compute_precision=ct.precision.FLOAT32)
+    ml.save(str(tmp_path / "other.mlpackage"))
+    desc = ct.utils.MultiFunctionDescriptor()
+    desc.add_function(str(paths["fp32"]), src_function_name="main", target_function_name="conv")
+    desc.add_function(str(tmp_path / "other.mlpackage"), src_function_name="main", target_function_name="linear")
+    desc.default_function_name = "conv"
+    both = tmp_path / "both.mlpackage"
+    ct.utils.save_multifunction(desc, str(both))
+    m = measure(str(both))
+    assert m.models == 2 and verdict(m) == {**ALL_PASS, "models": False}
+    assert main(["check-budget", str(both)]) == 1
+    assert measure(str(tmp_path / "other.mlpackage")).models == 1  # each function alone is one model
 
 
 def test_coreml_corrupt_weight_blob_is_refused(coreml_packages, tmp_path):

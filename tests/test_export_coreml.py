@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from flm.errors import ParityError
-from flm.exporters import HEATMAPS, INPUT, LANDMARKS, MAX_BATCH, TARGETS
+from flm.errors import ModelFileError, ParityError
+from flm.exporters import HEATMAPS, INPUT, LANDMARKS, TARGETS
 from flm.exporters.commands import export_target
-from flm.exporters.coreml import export_coreml, read_package
-from flm.exporters.mil_eval import MilProgram, UnsupportedOp
+from flm.exporters.coreml import BATCH_RANGE_KEY, declared_batch_range, export_coreml, open_coreml, read_package
+from flm.exporters.mil_eval import MilEvalError, MilProgram, UnsupportedOp
 from flm.exporters.parity import MAX_DISPLACEMENT_PX, make_inputs
 from flm.pipeline.checkpoint import load_model
 from flm.pipeline.models import PRESETS
@@ -63,12 +63,46 @@ def test_batch_range_runs_batch_1_and_3(tmp_path):
     program = MilProgram(path)
     dtype, shape = program.inputs[INPUT]
     assert shape[0] is None and shape[1:] == (1, 96, 96)  # flexible batch, fixed image
-    assert MAX_BATCH == 16
     inputs = make_inputs(model.spec, 3)
     out3 = program.run({INPUT: inputs.tensor})[LANDMARKS]
     out1 = program.run({INPUT: inputs.tensor[:1]})[LANDMARKS]
     assert out3.shape == (3, 68, 2) and out1.shape == (1, 68, 2)
     np.testing.assert_allclose(out1[0], out3[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "image"])
+def test_declared_batch_range_1_to_16_is_enforced(tmp_path, kind):
+    """The README promises batch 1-16: the saved package declares it, and a batch outside is refused."""
+    model = randomised_model("simple-cnn")
+    path = export_coreml(model, tmp_path / "m.mlpackage", coreml_input=kind)
+    proto = read_package(path)
+    assert json.loads(dict(proto.description.metadata.userDefined)[BATCH_RANGE_KEY]) == [1, 16]
+    if kind == "tensor":  # Core ML's own declaration (an image input has no batch field)
+        r = proto.description.input[0].type.multiArrayType.shapeRange.sizeRanges[0]
+        assert (r.lowerBound, r.upperBound) == (1, 16)
+    assert declared_batch_range(proto, path) == (1, 16) and open_coreml(path, "reference").max_batch == 16
+    program = MilProgram(path)
+    x = make_inputs(model.spec, 1)
+    one = x.pixels if kind == "image" else x.tensor
+    assert program.run({INPUT: np.repeat(one, 16, axis=0)})[LANDMARKS].shape == (16, 68, 2)
+    for batch in (17, 20):
+        with pytest.raises(MilEvalError, match=f"has batch {batch}, but the package declares batch 1..16"):
+            program.run({INPUT: np.repeat(one, batch, axis=0)})
+
+
+def test_a_package_without_a_batch_range_is_refused(tmp_path):
+    model = randomised_model("simple-cnn")
+    path = export_coreml(model, tmp_path / "m.mlpackage", coreml_input="image")
+    proto = read_package(path)
+    del proto.description.metadata.userDefined[BATCH_RANGE_KEY]  # as an image package from before the key
+    with pytest.raises(ModelFileError, match="declares no batch range"):
+        MilProgram(path, proto)
+    proto.description.metadata.userDefined[BATCH_RANGE_KEY] = "[1, 32]"
+    assert MilProgram(path, proto).batch_ranges == {INPUT: (1, 32)}  # what the package declares counts
+    tensor = read_package(export_coreml(model, tmp_path / "t.mlpackage", coreml_input="tensor"))
+    tensor.description.metadata.userDefined[BATCH_RANGE_KEY] = "[1, 32]"
+    with pytest.raises(ModelFileError, match="declares two batch ranges"):
+        MilProgram(tmp_path / "t.mlpackage", tensor)
 
 
 def test_float16_program_fails_parity_and_is_not_published(tmp_path):

@@ -47,6 +47,12 @@ class RuleResult:
     passed: bool
 
 
+def some_of(names: list[str], shown: int = 5) -> str:
+    """The first few names, and how many more: `a, b, c and 12 more`."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def format_bytes(n: int) -> str:
     """`44.96 MB (44,960,032 bytes)` — MB is 10^6 bytes; the exact count settles edge cases."""
     return f"{n / MB:.2f} MB ({n:,} bytes)"
@@ -128,8 +134,11 @@ def evaluate(m, budget: str | Budget = DEFAULT_BUDGET) -> list[RuleResult]:
     results.append(RuleResult("dtypes", measured, " or ".join(budget.allowed_dtypes) + " only", not bad))
 
     labels = f" ({', '.join(m.model_labels)})" if m.models > 1 and m.model_labels else ""
-    results.append(RuleResult("models", f"{m.models}{labels}", f"<= {budget.max_models}",
-                              m.models <= budget.max_models))
+    unused = m.unused_weights
+    beside = f"; {len(unused)} tensor(s) beside it that the model does not use: {some_of(unused)}" if unused else ""
+    results.append(RuleResult("models", f"{m.models}{labels}{beside}",
+                              f"<= {budget.max_models}, no weights beside the model",
+                              m.models <= budget.max_models and not unused))
 
     if budget.require_weights:
         if m.weight_elements == 0:

@@ -17,8 +17,10 @@ from flm.ui import out
 # One line per paragraph: typer keeps a docstring's line breaks, which reads badly when wrapped.
 CHECK_BUDGET_HELP = "\n\n".join([
     "Check a model against a budget; exit 0 only if every rule passes, else exit 1 naming the failing rules.",
-    "challenge-15mb: at most 15 MB, float32 weights only (no float16, bfloat16, int8 or other quantization), "
-    "a single model (no ensemble), and real weights (not none, not all zero).",
+    "challenge-15mb: at most 15 MB, float32 weights only (no float16, bfloat16, int8 or other quantization; "
+    "an integer tensor is a weight unless it is only read as a shape, axes or indices), "
+    "a single model (no ensemble at any depth of a checkpoint, and no weights beside the one its spec builds), "
+    "and real weights (not none, not all zero).",
     "MB means 10^6 bytes: 15 MB = 15,000,000 bytes (the stricter reading).",
     "Size is the float32 bytes of parameters + buffers for a checkpoint or preset, and the size on disk for "
     "ONNX (with its external data files) and Core ML (the whole package, weight blobs included).",

@@ -1,7 +1,10 @@
 """Core ML target: an ML program (`.mlpackage`) with the spec in its user metadata.
 
 - `convert_to="mlprogram"`, `compute_precision=FLOAT32`, `minimum_deployment_target=iOS16`
-  (macOS 13); the batch axis is a range 1..16 (`ct.RangeDim`).
+  (macOS 13); the batch axis is a range 1..16 (`ct.RangeDim`). A tensor input declares that range
+  in Core ML's own shape range; an image input has no batch field in Core ML, so the package also
+  declares it in its user metadata (`flm.coreml.batch_range`, for both kinds), and the reference
+  evaluator refuses a batch outside it, as Core ML does.
 - Input (`--coreml-input`): `image` (default) takes a pixel buffer: Core ML's ImageType scales
   pixels by 1/255 and the exported graph itself does `(x - mean) / std` per channel, so the
   normalisation is exact (ImageType's own single `scale` cannot express ImageNet's per-channel
@@ -17,6 +20,7 @@ with the reference evaluator in `flm.exporters.mil_eval`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -32,6 +36,7 @@ INPUT_KINDS = ("image", "tensor")
 DEFAULT_INPUT = "image"
 DEPLOYMENT_TARGET = "iOS16"  # == macOS13: the first with FLOAT32 ML programs + flexible batch
 PRECISIONS = ("float32", "float16")  # float16 exists for the negative control only
+BATCH_RANGE_KEY = "flm.coreml.batch_range"  # user metadata: JSON [lowest, highest] batch the input takes
 
 
 def import_coremltools():
@@ -83,6 +88,7 @@ def export_coreml(model, path, *, decode: bool = True, coreml_input: str = DEFAU
         ml.user_defined_metadata[key] = value
     ml.user_defined_metadata["flm.coreml.precision"] = precision
     ml.user_defined_metadata["flm.coreml.deployment_target"] = DEPLOYMENT_TARGET
+    ml.user_defined_metadata[BATCH_RANGE_KEY] = json.dumps([1, MAX_BATCH])
     ml.input_description[INPUT] = input_description(spec, coreml_input)
     for name, text in output_descriptions(spec).items():
         if name in names:
@@ -136,6 +142,46 @@ def read_package(path):
     return model
 
 
+def declared_batch_range(proto, path, name: str = INPUT) -> tuple[int, int | None]:
+    """(lowest, highest) batch input `name` of a package takes; highest None: unbounded.
+
+    A tensor input declares it in its shape range (or a fixed shape); the user metadata key
+    BATCH_RANGE_KEY declares it for any input (the only place for an image input). Where both
+    are there they must agree; a package that declares neither is refused.
+    """
+    found = []
+    meta = dict(proto.description.metadata.userDefined)
+    if BATCH_RANGE_KEY in meta:
+        found.append(_parse_batch_range(meta[BATCH_RANGE_KEY], path))
+    feature = next((f for f in proto.description.input if f.name == name), None)
+    if feature is not None and feature.type.WhichOneof("Type") == "multiArrayType":
+        array = feature.type.multiArrayType
+        flexibility = array.WhichOneof("ShapeFlexibility")
+        if flexibility == "shapeRange" and array.shapeRange.sizeRanges:
+            r = array.shapeRange.sizeRanges[0]
+            found.append((int(r.lowerBound), int(r.upperBound) if r.upperBound >= 0 else None))
+        elif flexibility is None and array.shape:
+            found.append((int(array.shape[0]), int(array.shape[0])))
+    if not found:
+        raise ModelFileError(path, f"input {name!r} declares no batch range (no shape range and no "
+                                   f"{BATCH_RANGE_KEY!r} metadata); re-export it with `flm export`")
+    if len(set(found)) > 1:
+        raise ModelFileError(path, f"input {name!r} declares two batch ranges: {found[0]} in "
+                                   f"{BATCH_RANGE_KEY!r} and {found[1]} in its shape range")
+    return found[0]
+
+
+def _parse_batch_range(text: str, path) -> tuple[int, int | None]:
+    try:
+        lo, hi = json.loads(text)
+        if not isinstance(lo, int) or lo < 1 or not (hi is None or (isinstance(hi, int) and hi >= lo)):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ModelFileError(path, f"metadata {BATCH_RANGE_KEY!r} is {text!r}; expected [lowest, highest], "
+                                   "e.g. [1, 16]") from None
+    return lo, hi
+
+
 def open_coreml(path, runner: str = "auto"):
     """Open a saved .mlpackage for the parity check.
 
@@ -151,6 +197,7 @@ def open_coreml(path, runner: str = "auto"):
     inputs = [i.name for i in proto.description.input]
     outputs = [o.name for o in proto.description.output]
     decode = check_io(path, spec, inputs, outputs)
+    _, max_batch = declared_batch_range(proto, path)
     input_kind = "image" if proto.description.input[0].type.WhichOneof("Type") == "imageType" else "tensor"
     if runner == "auto":
         runner = "coreml" if sys.platform == "darwin" else "reference"
@@ -169,7 +216,7 @@ def open_coreml(path, runner: str = "auto"):
     else:
         raise UsageError(f"unknown Core ML runner {runner!r}; known: auto, coreml, reference")
     return Exported(path=path, target=TARGETS["coreml"].name, spec=spec, outputs=outputs, decode=decode,
-                    input_kind=input_kind, runner=how, predict=predict, max_batch=MAX_BATCH, metadata=meta)
+                    input_kind=input_kind, runner=how, predict=predict, max_batch=max_batch, metadata=meta)
 
 
 def _coreml_predictor(path, spec, input_kind, outputs):

@@ -13,6 +13,8 @@ program's `main` function op by op.
   check, as it would on a device.
 - Every result's shape is checked against the shape the converter declared for it: a mismatch
   means this evaluator and coremltools disagree on an op's meaning, and is an error too.
+- An input with a flexible batch axis takes only the batch sizes the package declares
+  (`flm.exporters.coreml.declared_batch_range`); any other batch is refused, as Core ML does.
 
 This module needs coremltools (for the protobuf classes and the blob reader), never torch.
 """
@@ -72,7 +74,7 @@ class MilProgram:
     """The `main` function of a saved ML program, ready to run on numpy inputs."""
 
     def __init__(self, package, model_proto=None):
-        from flm.exporters.coreml import MODEL_FILE, read_package
+        from flm.exporters.coreml import MODEL_FILE, declared_batch_range, read_package
 
         self.path = Path(package)
         proto = model_proto if model_proto is not None else read_package(self.path)
@@ -87,6 +89,8 @@ class MilProgram:
         block = fn.block_specializations[fn.opset]
         self.opset = fn.opset
         self.inputs = {nv.name: (_dtype(nv.type, nv.name), _declared_shape(nv.type)) for nv in fn.inputs}
+        self.batch_ranges = {name: declared_batch_range(proto, self.path, name)
+                             for name, (_, shape) in self.inputs.items() if shape and shape[0] is None}
         self.outputs = list(block.outputs)
         self.consts: dict[str, np.ndarray] = {}
         self.ops: list[tuple] = []
@@ -187,6 +191,7 @@ class MilProgram:
             if x.ndim != len(shape) or any(d is not None and d != s for d, s in zip(shape, x.shape)):
                 raise MilEvalError(f"{self.path}: input {name!r} has shape {x.shape}, the program takes "
                                    f"{tuple('?' if d is None else d for d in shape)}")
+            self._check_batch(name, x)
             env[name] = x.astype(dtype)
         for op_type, args, outs, where in self.ops:
             inputs = {p: [env[v] if kind == "name" else v for kind, v in bound] for p, bound in args.items()}
@@ -204,6 +209,15 @@ class MilProgram:
                                        f"declares {tuple('?' if d is None else d for d in shape)}")
                 env[name] = value
         return {name: np.asarray(env[name], np.float32) for name in self.outputs}
+
+    def _check_batch(self, name: str, x: np.ndarray) -> None:
+        if name not in self.batch_ranges:
+            return
+        lo, hi = self.batch_ranges[name]
+        if x.shape[0] < lo or (hi is not None and x.shape[0] > hi):
+            raise MilEvalError(f"{self.path}: input {name!r} has batch {x.shape[0]}, but the package declares "
+                               f"batch {lo}..{'any' if hi is None else hi}; Core ML refuses other batches, "
+                               "and so does this evaluator")
 
 
 class _Args:
