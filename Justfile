@@ -12,7 +12,8 @@ setup:
         {{venv}}/bin/pip install -q --upgrade pip && \
         {{venv}}/bin/pip install -q -e '.[all]' && touch {{venv}}/.installed; fi
 
-# The main job on the embedded default: train on synthetic faces, check the budget, export, verify, detect.
+# The main job on the embedded default: train on synthetic faces, check the budget, export, verify, detect;
+# then the model flm ships finds and landmarks a real face in public-domain photos (no download, no ../shared).
 demo: setup
     {{flm}} train --out runs/demo
     {{flm}} check-budget runs/demo/best.pt
@@ -21,7 +22,12 @@ demo: setup
     # the synthetic pictures are face crops (the cartoon faces often defeat Haar): no detector
     {{flm}} detect runs/demo/faces/images --model runs/demo/export/model.onnx --detector none --out runs/demo/detections
     {{flm}} detect runs/demo/faces/images --detector none --out runs/demo/detections-shipped
-    @echo "annotated images: runs/demo/detections (the model just trained), runs/demo/detections-shipped (flm-68)"
+    # real photographs (NASA's astronaut portrait, inside scikit-image's wheel), the default detector and model
+    {{flm}} sample-photos --out runs/demo/photos
+    {{flm}} detect runs/demo/photos --out runs/demo/detections-real --json runs/demo/detections-real/faces.json
+    @echo "synthetic faces: runs/demo/detections (the model just trained), runs/demo/detections-shipped (flm-68)"
+    @echo "real photos, open: runs/demo/detections-real/astronaut.jpg (and astronaut-mirrored-tilted.jpg):"
+    @echo "  68 landmarks coloured by region, the face box with its detector score, head-pose axes at the nose"
 
 # The default test run (what CI runs).
 test *ARGS: setup

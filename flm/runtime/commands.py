@@ -152,6 +152,24 @@ def _detect_video(landmarker, path: Path, out_dir: Path | None, used: set[str], 
     return record
 
 
+def warn_dropped(record: dict, max_faces: int) -> None:
+    """Warn (one line) when the --max-faces cap left faces of an image or video without landmarks."""
+    name = record["path"]
+    if record["kind"] == "image":
+        if record["dropped"]:
+            found = len(record["faces"]) + record["dropped"]
+            log.warning("%s: %d faces found, landmarks for the %d with the highest detector scores only "
+                        "(--max-faces %d); to get all, raise it: --max-faces %d", name, found, max_faces,
+                        max_faces, found)
+        return
+    capped = [f for f in record["frames"] if f["dropped"]]
+    if capped:
+        most = max(len(f["faces"]) + f["dropped"] for f in capped)
+        log.warning("%s: in %d of %d frames more faces were found than --max-faces %d (up to %d in a frame); "
+                    "those beyond it have no landmarks; to get all, raise it: --max-faces %d", name, len(capped),
+                    len(record["frames"]), max_faces, most, most)
+
+
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     @app.command()
     def detect(
@@ -162,8 +180,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write annotated images / videos here."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write every face's box, score, landmarks, pose."),
         sunglasses: bool = typer.Option(False, "--sunglasses", help="Draw sunglasses placed from eye and nose points."),
-        max_faces: int = typer.Option(8, "--max-faces", help="Faces per image, best detector score first."),
-        min_face: int = typer.Option(40, "--min-face", help="Smallest face box side, pixels."),
+        max_faces: int = typer.Option(8, "--max-faces", help="Faces per image, best detector score first; "
+                                      "a warning says when more were found."),
+        min_face: Optional[int] = typer.Option(None, "--min-face", help="Smallest face box side, pixels "
+                                               "(default: 1/40 of the image's shorter side, at least 20)."),
         refine: Optional[int] = typer.Option(None, "--refine",
                                              help="Extra passes cropping around the landmarks just found "
                                                   "(default: 2 for haar, 1 for none, 0 for yunet)."),
@@ -174,7 +194,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         from flm.runtime.landmarker import FaceLandmarker, FaceLandmarkerOptions
         from flm.ui import out as out_console
 
-        if max_faces < 1 or (refine is not None and refine < 0) or threads < 0 or min_face < 1:
+        if (max_faces < 1 or (refine is not None and refine < 0) or threads < 0
+                or (min_face is not None and min_face < 1)):
             raise UsageError(f"--max-faces must be >= 1, --refine and --threads >= 0, --min-face >= 1; got "
                              f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
         inputs = collect_inputs(paths)
@@ -188,12 +209,14 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         for path, kind in inputs:
             run = _detect_video if kind == "video" else _detect_image
             records.append(run(landmarker, path, out, used, sunglasses))
+            warn_dropped(records[-1], max_faces)
 
         if json_out is not None:
             started = time.perf_counter()
             doc = {"model": landmarker.source, "spec": landmarker.spec.to_dict(),
                    "detector": landmarker.detector.describe(),
-                   "refine": landmarker.detector.default_refine if refine is None else refine, "files": records}
+                   "refine": landmarker.detector.default_refine if refine is None else refine,
+                   "max_faces": max_faces, "min_face_size": min_face, "files": records}  # None: scaled with the image
             with atomic_path(json_out) as tmp:
                 tmp.write_text(json.dumps(doc, indent=1))
             log_written(json_out, started)
@@ -205,7 +228,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             t.add_column(col, justify=just)
         for r in records:
             if r["kind"] == "image":
-                faces = str(len(r["faces"]))
+                faces = str(len(r["faces"])) + (f" of {len(r['faces']) + r['dropped']}" if r["dropped"] else "")
                 pose = r["faces"][0].get("pose") if r["faces"] else None
             else:
                 with_face = sum(1 for f in r["frames"] if f["faces"])
@@ -217,3 +240,15 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         out_console.print(t)
         if out is not None:
             out_console.print(f"annotated files in {out}")
+
+    @app.command("sample-photos")
+    def sample_photos(
+        out: Path = typer.Option(Path("runs/demo/photos"), "--out", "-o", help="Folder to write the JPEGs into."),
+    ):
+        """Write public-domain photos of a real face (NASA's astronaut portrait, shipped inside
+        scikit-image: no download) to try `flm detect` on. Needs the demo extra: pip install 'flm[demo]'."""
+        from flm.runtime.samples import write_sample_photos
+        from flm.ui import out as out_console
+
+        for path in write_sample_photos(out):
+            out_console.print(str(path), highlight=False, soft_wrap=True)

@@ -59,7 +59,9 @@ def draw_pose_axes(image: np.ndarray, pose, length_mm: float = 60.0) -> np.ndarr
     pts = pts.reshape(-1, 2)
     if not np.isfinite(pts).all():
         return image
-    t = max(1, round(max(image.shape[:2]) / 400))
+    # thick enough to see next to the landmark dots: with the image, and with the face (longest axis / 25)
+    longest = float(np.hypot(*(pts[1:] - pts[0]).T).max())
+    t = max(1, round(max(image.shape[:2]) / 400), min(8, round(longest / 25)))
     for end, color in zip(pts[1:], ((0, 0, 255), (0, 255, 0), (255, 0, 0))):
         cv2.line(image, _fix(pts[0]), _fix(end), color, t, cv2.LINE_AA, _SHIFT)
     return image
