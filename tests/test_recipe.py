@@ -19,9 +19,10 @@ def test_the_shipped_models_recipe_reads_and_chains_its_stages():
     assert names[:8] == [f"s{k}" for k in range(1, 9)] and base == Path("runs/flm-68")
     cfg = dict(stages)
     assert cfg["s1"].init is None and cfg["s1"].augment.flip == 0.5 and cfg["s2"].augment.flip == 0
+    assert (cfg["s2"].epochs, cfg["s2"].stop_epoch) == (15, 1) and cfg["m2"].flip_for == {"300w-train": 0.5}
     assert cfg["s8"].init == str(base / "s7" / "best.pt") and cfg["s8"].augment.box_jitter == pytest.approx(0.025)
     last = stages[-1][1]
-    assert len(last.data) == 2 and last.augment.pose == pytest.approx(0.4) and "split" in last.val
+    assert len(last.data) == 2 and last.augment.pose == pytest.approx(0.5) and "split" in last.val
 
 
 @pytest.mark.parametrize("text, words", [

@@ -102,3 +102,15 @@ def test_init_fine_tunes_at_another_input_size(tmp_path, faces):
     other = save_checkpoint(tmp_path / "eyes.pt", build_model("resnet-eyes"))
     with pytest.raises(UsageError, match="resnet-eyes"):
         train(small_cfg(tmp_path / "c", init=str(other)), tr, va)
+
+
+def test_stop_epoch_cuts_a_longer_schedule_where_an_interrupted_run_stopped(tmp_path, faces):
+    """A recipe replays a run that was stopped early: same schedule (lr of a 3-epoch cosine), 1 epoch."""
+    tr, va = faces
+    cut = train(small_cfg(tmp_path / "cut", epochs=3, stop_epoch=1), tr, va)
+    full = train(small_cfg(tmp_path / "full", epochs=3), tr, va)
+    assert cut["epochs_done"] == 1 and full["epochs_done"] == 3
+    assert cut["history"][0]["lr"] == pytest.approx(full["history"][0]["lr"])
+    assert cut["history"][0]["val_nme"] == pytest.approx(full["history"][0]["val_nme"], rel=1e-5)
+    one = train(small_cfg(tmp_path / "one", epochs=1), tr, va)
+    assert one["history"][0]["lr"] != pytest.approx(cut["history"][0]["lr"])  # a 1-epoch schedule differs

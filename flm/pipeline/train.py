@@ -70,6 +70,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     flip_for: dict = field(default_factory=dict)  # convention -> flip probability, instead of augment.flip
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    stop_epoch: int | None = None  # stop after this many epochs of the `epochs`-long schedule (recipes)
     resume: str | None = None
     init: str | None = None  # start from these weights (fine-tuning, e.g. at a larger --img-size)
     skip_bad: bool = False
@@ -403,7 +404,7 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
                  f" x {world} processes" if world > 1 else "")
     t0, global_step, stopped = time.perf_counter(), epoch * steps_per_epoch + start_step, None
     with _StopFlag() as stop:
-        while epoch < cfg.epochs and stopped is None:
+        while epoch < min(cfg.epochs, cfg.stop_epoch or cfg.epochs) and stopped is None:
             model.train()
             sampler.epoch, sampler.start = epoch, start_step * cfg.batch_size
             losses, step, data_s, waiting = [], start_step, 0.0, time.perf_counter()
