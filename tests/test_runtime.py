@@ -105,6 +105,19 @@ def test_box_adjust_and_calibration_round_trip():
         calibrate_box_adjust(det, adj.apply(det)[:2])
 
 
+def test_detector_takes_its_box_adjust_as_a_parameter():
+    det = np.array([[10.0, 20, 110, 120]])
+    rule = FaceLandmarkerOptions().crop  # unused by Haar's landmark_boxes
+    default = HaarDetector()
+    np.testing.assert_allclose(default.landmark_boxes(det, (200, 200, 3), rule), HaarDetector.adjust.apply(det))
+    mine = BoxAdjust(dx=0.1, dy=-0.05, sw=0.5, sh=2.0)
+    np.testing.assert_allclose(HaarDetector(adjust=mine).landmark_boxes(det, (200, 200, 3), rule),
+                               [[45.0, -35.0, 95.0, 165.0]])
+    assert HaarDetector().adjust == HaarDetector.adjust  # a per-instance adjust does not leak into the class
+    with pytest.raises(UsageError, match="adjust must be a BoxAdjust"):
+        HaarDetector(adjust=(0, 0.1, 1, 1))
+
+
 def test_make_detector_errors():
     with pytest.raises(UsageError, match="unknown detector 'hog'"):
         make_detector("hog")

@@ -100,11 +100,12 @@ class BoxAdjust:
 def calibrate_box_adjust(detector_boxes, landmark_boxes) -> BoxAdjust:
     """The median `BoxAdjust` taking each detector box to its matching landmark box.
 
-    How the constants below were measured: run the detector on annotated faces (here the
-    400 images, every 9th row, of ../shared/data/youtube-faces-68, each padded by 30 % with
-    gray so the face is not cut by the image border), match each ground-truth landmark box
-    to the detection with the highest IoU (> 0.2), and take medians (robust to the odd
-    mismatched face).
+    How the constants below are measured (`python benchmarks/defaults.py`, which also measures
+    the refine defaults): run the detector on annotated *training* faces (400 from the training
+    part of ../shared/data/youtube-faces-68 and 400 from that of 300w-train, split as `flm train
+    --val split` splits them; each image padded by 30 % with gray so the face is not cut by the
+    image border), match each ground-truth landmark box to the detection with the highest IoU
+    (> 0.2), and take medians (robust to the odd mismatched face).
     """
     d = np.asarray(detector_boxes, np.float64).reshape(-1, 4)
     g = np.asarray(landmark_boxes, np.float64).reshape(-1, 4)
@@ -133,13 +134,19 @@ class FaceDetector:
     default_score_threshold = 0.5
     default_refine = 1  # extra landmark passes when FaceLandmarkerOptions.refine is None
 
-    def __init__(self, min_size: int = 40, score_threshold: float | None = None, nms_iou: float = 0.4):
+    def __init__(self, min_size: int = 40, score_threshold: float | None = None, nms_iou: float = 0.4,
+                 adjust: BoxAdjust | None = None):
         if min_size < 1:
             raise UsageError(f"min_face_size must be >= 1 pixel, got {min_size}",
                              example="FaceLandmarkerOptions(min_face_size=40)")
         self.min_size = int(min_size)
         self.score_threshold = self.default_score_threshold if score_threshold is None else float(score_threshold)
         self.nms_iou = float(nms_iou)
+        if adjust is not None:  # e.g. constants refitted by benchmarks/defaults.py; default: the class's
+            if not isinstance(adjust, BoxAdjust):
+                raise UsageError(f"adjust must be a BoxAdjust, got {adjust!r}",
+                                 example="HaarDetector(adjust=BoxAdjust(dx=0.0, dy=0.155, sw=0.845, sh=0.818))")
+            self.adjust = adjust
         self._lock = threading.Lock()
 
     def _raw(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,22 +177,24 @@ class HaarDetector(FaceDetector):
     Score: n / (n + 5) where n is the number of overlapping raw detections OpenCV merged
     into the box (a monotone confidence, not a probability); boxes need n >= `min_neighbors`.
     Haar's square box spans from above the brows to below the lower lip and reaches past the
-    cheeks; the landmark box is narrower (0.85 w), shorter (0.82 h) and sits lower (+0.155 h).
+    cheeks; the landmark box is narrower (0.84 w), shorter (0.82 h) and sits lower (+0.153 h).
     """
 
     name = "haar"
-    # calibrate_box_adjust on youtube-faces-68 (see its docstring): 348 of 400 faces found;
-    # median IoU with the landmark box 0.57 raw -> 0.78 adjusted (dx measured -0.006, set to 0)
-    adjust = BoxAdjust(dx=0.0, dy=0.155, sw=0.845, sh=0.818)
-    # A Haar box is rough even adjusted; a second pass costs one model run (~7 ms at 192 px next
-    # to 80-160 ms of Haar at 640x480) and took flm-68 from 4.72 to 4.49 % end to end (see
-    # FaceLandmarkerOptions.refine).
+    # Fitted by benchmarks/defaults.py on training faces only (400 of youtube-faces-68's and 400
+    # of 300w-train's training part, see calibrate_box_adjust): 655 of 800 found; median IoU with
+    # the landmark box 0.57 raw -> 0.76 adjusted.
+    adjust = BoxAdjust(dx=0.001, dy=0.153, sw=0.843, sh=0.819)
+    # A Haar box is rough even adjusted: each pass helps (one model run, ~7-19 ms, next to 15-110 ms
+    # of Haar). benchmarks/defaults.py, flm-68, mean NME over youtube / 300w held-out and aflw2000-3d-val,
+    # refine 0 / 1 / 2: 6.22 / 5.71 / 5.52 % (see FaceLandmarkerOptions.refine).
     default_refine = 2
     default_score_threshold = 0.0
 
     def __init__(self, min_size: int = 40, score_threshold: float | None = None, nms_iou: float = 0.4,
-                 cascade: str | None = None, min_neighbors: int = 5, scale_factor: float = 1.1):
-        super().__init__(min_size, score_threshold, nms_iou)
+                 cascade: str | None = None, min_neighbors: int = 5, scale_factor: float = 1.1,
+                 adjust: BoxAdjust | None = None):
+        super().__init__(min_size, score_threshold, nms_iou, adjust)
         path = cascade or (cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
         if not Path(path).is_file():
             raise ModelFileError(path, "Haar cascade file not found (it ships with opencv-python < 5; "
@@ -225,15 +234,18 @@ class YuNetDetector(FaceDetector):
     """
 
     name = "yunet"
-    # calibrate_box_adjust on youtube-faces-68 (see its docstring): 400 of 400 faces found;
-    # median IoU with the landmark box 0.68 raw -> 0.88 adjusted (dx measured 0.003, set to 0)
-    adjust = BoxAdjust(dx=0.0, dy=0.134, sw=1.071, sh=0.766)
+    # Fitted by benchmarks/defaults.py on training faces only (400 of youtube-faces-68's and 400
+    # of 300w-train's training part, see calibrate_box_adjust): 800 of 800 found; median IoU with
+    # the landmark box 0.69 raw -> 0.88 adjusted.
+    adjust = BoxAdjust(dx=0.004, dy=0.129, sw=1.056, sh=0.757)
     default_score_threshold = 0.6
-    default_refine = 0  # its adjusted box is as good as a refined one (see FaceLandmarkerOptions)
+    # benchmarks/defaults.py, flm-68, mean NME over the three validation sets, refine 0 / 1 / 2:
+    # 5.86 / 5.84 / 5.91 % — one pass is lowest, by 0.02 % (see FaceLandmarkerOptions.refine).
+    default_refine = 1
 
     def __init__(self, model_path, min_size: int = 40, score_threshold: float | None = None,
-                 nms_iou: float = 0.4, max_side: int = 640):
-        super().__init__(min_size, score_threshold, nms_iou)
+                 nms_iou: float = 0.4, max_side: int = 640, adjust: BoxAdjust | None = None):
+        super().__init__(min_size, score_threshold, nms_iou, adjust)
         self.path = Path(model_path)
         if not self.path.is_file():
             raise ModelFileError(self.path, "YuNet model file not found")

@@ -73,14 +73,20 @@ class FaceLandmarkerOptions:
         faces are large (a webcam) can set e.g. 80.
     detector_score: drop detections scoring below this (None: the detector's default).
     nms_iou: IoU above which overlapping detections are merged.
-    refine: extra passes, each cropping around the landmarks of the previous one. None: the
-        detector's default — 2 for Haar, 1 for "none" and app boxes, 0 for YuNet. Measured with a
-        shufflenet-heatmap model (val NME 6.1 %) on 120 held-out youtube-faces-68 faces, mean
-        inter-ocular NME for refine 0 / 1 / 2: Haar 7.67 / 7.19 / 7.02 %, YuNet 6.40 / 6.54 /
-        6.65 %, ground-truth boxes 6.00 / 6.35 / 6.43 %: a pass helps a rough box and costs a
-        little on a good one (the model's crop of its own landmark box is not the exact box).
-        With flm-68 on all 567 held-out faces (`benchmarks/accuracy.py`, Haar): refine 1 / 2
-        4.72 / 4.49 %.
+    refine: extra passes, each cropping around the landmarks of the previous one. None: the box
+        source's default — 0 for app boxes (`detect(image, boxes=...)`), 1 for YuNet, 2 for Haar
+        (and 1 for "none", not measured). Each is the refine with the lowest mean NME over three
+        validation sets (a tie goes to fewer passes), from `python benchmarks/defaults.py` with
+        flm-68 (results: benchmarks/results/defaults.json); mean NME %, refine 0 / 1 / 2:
+                   youtube held-out    300w held-out       aflw2000-3d-val     mean
+          app box  3.93 / 4.10 / 4.18  5.90 / 6.00 / 6.07  6.51 / 6.89 / 7.24  5.45 / 5.67 / 5.83
+          Haar     5.38 / 4.75 / 4.51  7.07 / 6.62 / 6.40  6.20 / 5.75 / 5.63  6.22 / 5.71 / 5.52
+          YuNet    4.28 / 4.23 / 4.26  6.03 / 6.01 / 6.00  7.28 / 7.28 / 7.48  5.86 / 5.84 / 5.91
+        (567 / 301 / 198 faces; youtube and 300w inter-ocular, aflw2000 over the landmark box
+        sqrt(w*h); app box = the tight box of the true landmarks; faces a detector missed, Haar
+        25 / 29 / 74 and YuNet 0 / 0 / 1, are left out of its row). A pass helps a rough box
+        and costs a little on a good one (the model's crop of its own landmark box is not the
+        exact box); for YuNet one pass beats none by only 0.02 %.
     threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     providers: onnxruntime execution providers (default: CPU).
     color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
@@ -429,7 +435,7 @@ class FaceLandmarker:
         result = FaceLandmarkerResult([], (w, h))
         refine = self.options.refine
         if boxes is not None:
-            refine = 1 if refine is None else refine
+            refine = 0 if refine is None else refine  # app boxes: see FaceLandmarkerOptions.refine
             det = self._check_boxes(boxes)
             result.dropped = max(0, len(det) - self.options.max_faces)
             det = det[: self.options.max_faces]
