@@ -86,9 +86,8 @@ def _read_listing_problems(spec: str, limit: int):
 
     The reader itself, not open_dataset: a set where every sample is bad still lists why. A
     whole-file problem (not UTF-8, malformed XML) is shown as one row, then stops."""
-    from flm.pipeline.data import READERS, _load_readers, open_dataset
+    from flm.pipeline.data import READERS, open_dataset
 
-    _load_readers()
     fmt, _, path = spec.partition(":")
     if fmt not in READERS or (fmt != "synthetic" and (not path or not Path(path).exists())):
         open_dataset(spec)  # raises the usual error, with an example
@@ -220,9 +219,8 @@ def synth(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write
 
 def formats():
     """The dataset formats flm reads, with an example FORMAT:PATH for each."""
-    from flm.pipeline.data import READERS, _load_readers
+    from flm.pipeline.data import READERS
 
-    _load_readers()
     t = Table(title="dataset formats (name a dataset as FORMAT:PATH)")
     t.add_column("format")
     t.add_column("example", overflow="fold")

@@ -22,7 +22,7 @@ import numpy as np
 
 from flm.errors import DatasetError, UsageError
 from flm.images import IMAGE_SUFFIXES, MAX_PIXELS, image_size
-from flm.pipeline.data import LandmarkDataset, Sample, check_points, register
+from flm.pipeline.data.base import LandmarkDataset, Sample, check_points, register
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -29,7 +29,7 @@ import numpy as np
 
 from flm.errors import FlmError
 from flm.fileio import atomic_path, log_written
-from flm.pipeline.data import LandmarkDataset, Sample
+from flm.pipeline.data.base import LandmarkDataset, Sample
 
 IMAGES_PER_PERSON = 4
 IMAGE_SIZE_RANGE = (192, 256)  # width and height are drawn independently from this range
