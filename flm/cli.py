@@ -233,7 +233,8 @@ def evaluate(
     """NME mean/median, failure rate and CED AUC (at --threshold and 10 %) per dataset, crops from the landmark box."""
     from flm.pipeline.checkpoint import load_model
     from flm.pipeline.data import Source, drop_undecodable, open_dataset
-    from flm.pipeline.evaluate import default_norm, evaluate as run_eval, head_of, write_report
+    from flm.pipeline.evaluate import default_norm, evaluate as run_eval, head_of
+    from flm.pipeline.reports import write_report
 
     if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")

@@ -6,18 +6,14 @@ back to image pixels, so NME is measured exactly where a user would see the poin
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from flm.fileio import atomic_path, log_written
-from flm.geometry import (crop_matrix, ced_curve, invert_affine, landmark_box, nme, nme_summary,
-                          normaliser, to_model_input, transform_points, warp, yaw_bins)
+from flm.geometry import (crop_matrix, invert_affine, landmark_box, nme, nme_summary, normaliser,
+                          to_model_input, transform_points, warp, yaw_bins)
 from flm.pipeline.augment import AugmentConfig, make_crop
 from flm.pipeline.data import LandmarkDataset
 from flm.spec import ModelSpec, scheme_index
@@ -142,24 +138,3 @@ def mean_shape_baseline(train: LandmarkDataset, val: LandmarkDataset, spec: Mode
     mean = crop_pts(train).mean(axis=0)
     gt = crop_pts(val)
     return float(nme(np.broadcast_to(mean, gt.shape), gt, normaliser(gt, norm, spec.scheme)).mean())
-
-
-def write_report(result: dict, json_path=None, ced_png=None) -> None:
-    if json_path:
-        t = time.perf_counter()
-        with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=2))
-        log_written(json_path, t)
-    if ced_png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        xs, ys = ced_curve(np.asarray(result["errors"]), result["threshold"])
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot(xs * 100, ys, label=f"{result['model']} (AUC {result['auc']:.3f})")
-        ax.set_xlabel(f"NME ({result['norm']}) %")
-        ax.set_ylabel("fraction of images")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        from flm.pipeline.reports import save_figure
-        save_figure(fig, ced_png)

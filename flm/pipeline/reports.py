@@ -1,4 +1,5 @@
-"""PNG reports written next to a training run: loss / NME curves and a prediction grid."""
+"""Reports: PNGs written next to a training run (loss / NME curves and a prediction grid), and an
+evaluation's JSON and CED plot (`flm evaluate --json/--ced`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import cv2
 import numpy as np
 
 from flm.fileio import atomic_path, log_written
-from flm.geometry import REGION_COLORS_BGR, point_regions
+from flm.geometry import REGION_COLORS_BGR, ced_curve, point_regions
+from flm.pipeline.augment import make_crop
 from flm.pipeline.data import LandmarkDataset
+from flm.pipeline.evaluate import point_subset, predict_crops
 
 log = logging.getLogger("flm")
 
@@ -51,6 +54,27 @@ def plot_curves(history: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=90)
 
 
+def write_report(result: dict, json_path=None, ced_png=None) -> None:
+    """An evaluation result (`flm.pipeline.evaluate.evaluate`) as JSON, and/or its CED curve as PNG."""
+    if json_path:
+        t = time.perf_counter()
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=2))
+        log_written(json_path, t)
+    if ced_png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        xs, ys = ced_curve(np.asarray(result["errors"]), result["threshold"])
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot(xs * 100, ys, label=f"{result['model']} (AUC {result['auc']:.3f})")
+        ax.set_xlabel(f"NME ({result['norm']}) %")
+        ax.set_ylabel("fraction of images")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save_figure(fig, ced_png)
+
+
 def save_figure(fig, path: Path, dpi: int = 100) -> None:
     """Write a matplotlib figure as PNG atomically, log it, and free it."""
     import matplotlib.pyplot as plt
@@ -63,9 +87,6 @@ def save_figure(fig, path: Path, dpi: int = 100) -> None:
 
 def prediction_grid(model, ds: LandmarkDataset, path: Path, n: int = 16) -> None:
     """Validation crops with ground truth (white) and predictions (coloured by face region)."""
-    from flm.pipeline.evaluate import point_subset, predict_crops
-    from flm.pipeline.augment import make_crop
-
     idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)
     sub = ds.subset(idx, "grid")
     pred, gt = predict_crops(model, sub)
