@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flm.coreml_io import blob_at, import_coremltools, read_blob_file
 from flm.errors import FlmError, ModelFileError, UsageError
 from flm.fileio import size_of
 
@@ -642,13 +642,6 @@ def measure_onnx(path) -> Measurement:
 
 # --------------------------------------------------------------------------- Core ML
 
-# MILBlob BlobDataType (coremltools mlmodel/src/MILBlob/Blob/BlobDataType.hpp): name, bits per value.
-BLOB_DTYPES = {1: ("float16", 16), 2: ("float32", 32), 3: ("uint8", 8), 4: ("int8", 8), 5: ("bfloat16", 16),
-               6: ("int16", 16), 7: ("uint16", 16), 8: ("int4", 4), 9: ("uint1", 1), 10: ("uint2", 2),
-               11: ("uint4", 4), 12: ("uint3", 3), 13: ("uint6", 6), 14: ("int32", 32), 15: ("uint32", 32),
-               16: ("float8e4m3fn", 8), 17: ("float8e5m2", 8)}
-BLOB_SENTINEL = 0xDEADBEEF
-BLOB_ALIGNMENT = 64
 _NP_BY_NAME = {"float16": np.float16, "float32": np.float32}
 # MIL op inputs (by name, for every op) read as a shape, axes, counts, indices or flags; any other
 # input (x, y, weight, bias, values, gamma, mean, cond, ...) reads numbers. `indices` are
@@ -668,44 +661,11 @@ MIL_INDEX_INPUTS = frozenset({
 
 def _coreml_proto():
     try:
-        quiet = logging.getLogger("coremltools")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # it warns about untested torch versions and missing macOS libs
-        try:
-            from coremltools.proto import MIL_pb2, Model_pb2
-        finally:
-            quiet.setLevel(level)
+        import_coremltools()
+        from coremltools.proto import MIL_pb2, Model_pb2
     except ImportError:
         raise UsageError("measuring a Core ML model needs coremltools", example="pip install 'flm[export]'") from None
     return Model_pb2, MIL_pb2
-
-
-def read_blob_file(path: Path, model_path) -> dict[int, tuple[str, int, bytes]]:
-    """Every blob of a MIL weight file: {metadata offset: (dtype, values, data)}.
-
-    Layout (MILBlob StorageFormat.hpp): a 64-byte header (uint32 count, uint32 version), then per
-    blob a 64-byte metadata record (uint32 sentinel 0xDEADBEEF, uint32 dtype, uint64 size in bytes,
-    uint64 data offset, reserved) and its data, each 64-byte aligned.
-    """
-    data = path.read_bytes()
-    if len(data) < 64:
-        raise ModelFileError(model_path, f"weight file {path.name} is truncated ({len(data)} bytes)")
-    count, version = struct.unpack_from("<II", data, 0)
-    if version != 2:
-        raise ModelFileError(model_path, f"weight file {path.name}: blob storage version {version}, expected 2")
-    blobs, pos = {}, BLOB_ALIGNMENT
-    for i in range(count):
-        if pos + 64 > len(data):
-            raise ModelFileError(model_path, f"weight file {path.name}: blob {i} of {count} lies beyond its end")
-        sentinel, code, size, offset = struct.unpack_from("<IIQQ", data, pos)
-        if sentinel != BLOB_SENTINEL or offset + size > len(data):
-            raise ModelFileError(model_path, f"weight file {path.name}: corrupt blob record at byte {pos}")
-        if code not in BLOB_DTYPES:
-            raise ModelFileError(model_path, f"weight file {path.name}: unknown blob dtype code {code} at byte {pos}")
-        name, bits = BLOB_DTYPES[code]
-        blobs[pos] = (name, size * 8 // bits, data[offset:offset + size])
-        pos = -(-(offset + size) // BLOB_ALIGNMENT) * BLOB_ALIGNMENT
-    return blobs
 
 
 class _CoreMLReader:
@@ -763,13 +723,7 @@ class _CoreMLReader:
                     nonzero = bool(np.any(np.frombuffer(raw, np_dtype) != 0)) if np_dtype else any(raw)
                     self.m.add(dtype, n, len(raw), nonzero, bookkeeping.get((path, offset), False))
         for file, offset, declared, _ in refs:
-            blobs = self.blob_files[self.weight_file(model_dir, file)]
-            if offset not in blobs:
-                raise ModelFileError(self.model_path, f"MIL program refers to blob at offset {offset} of {file}, "
-                                                      "which holds none")
-            if blobs[offset][0] != declared:
-                raise ModelFileError(self.model_path, f"blob at offset {offset} of {file} holds {blobs[offset][0]} "
-                                                      f"but the program declares {declared}")
+            blob_at(self.blob_files[self.weight_file(model_dir, file)], offset, declared, file, self.model_path)
         return with_weights
 
     def function(self, fn, refs) -> None:

@@ -20,35 +20,27 @@ with the reference evaluator in `flm.exporters.mil_eval`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from flm.errors import ModelFileError, UsageError
+from flm.coreml_io import import_coremltools, quiet_coremltools
+from flm.errors import UsageError
 from flm.exporters import (INPUT, MAX_BATCH, TARGETS, describe, input_description, metadata,
                            output_descriptions, output_names)
+from flm.exporters.mil_eval import MilProgram
+from flm.exporters.mlpackage import BATCH_RANGE_KEY, declared_batch_range, read_package
 
 log = logging.getLogger("flm")
 INPUT_KINDS = ("image", "tensor")
 DEFAULT_INPUT = "image"
 DEPLOYMENT_TARGET = "iOS16"  # == macOS13: the first with FLOAT32 ML programs + flexible batch
 PRECISIONS = ("float32", "float16")  # float16 exists for the negative control only
-BATCH_RANGE_KEY = "flm.coreml.batch_range"  # user metadata: JSON [lowest, highest] batch the input takes
-
-
-def import_coremltools():
-    """coremltools, without its Linux-only noise (it cannot load the macOS predictor here)."""
-    ct_log = logging.getLogger("coremltools")
-    level = ct_log.level
-    ct_log.setLevel(logging.ERROR)
-    try:
-        import coremltools as ct
-    finally:
-        ct_log.setLevel(level)
-    return ct
 
 
 def export_coreml(model, path, *, decode: bool = True, coreml_input: str = DEFAULT_INPUT,
@@ -101,85 +93,13 @@ def export_coreml(model, path, *, decode: bool = True, coreml_input: str = DEFAU
 def _quiet_conversion():
     """coremltools draws a progress bar per pass and warns about the torch version and the
     deprecated tracer; keep the user's terminal clean and keep the text for --debug."""
-    import io
-    import warnings
-
-    ct_log = logging.getLogger("coremltools")
-    level = ct_log.level
-    ct_log.setLevel(logging.ERROR)
     noise = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(noise):
+        with quiet_coremltools(), warnings.catch_warnings(), contextlib.redirect_stderr(noise):
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        ct_log.setLevel(level)
         log.debug("coremltools: %s", noise.getvalue()[-4000:])
-
-
-MODEL_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
-
-
-def read_package(path):
-    """Parse a saved .mlpackage's model spec (protobuf) from disk; clear errors for bad packages."""
-    ct = import_coremltools()  # noqa: F841  (registers the proto modules)
-    from google.protobuf.message import DecodeError
-
-    from coremltools.proto import Model_pb2
-
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(path, "Core ML package not found")
-    if not path.is_dir() or not (path / MODEL_FILE).is_file():
-        raise ModelFileError(path, f"not a Core ML package: expected a directory holding {MODEL_FILE}")
-    model = Model_pb2.Model()
-    try:
-        model.ParseFromString((path / MODEL_FILE).read_bytes())
-    except DecodeError as e:
-        raise ModelFileError(path, f"{MODEL_FILE} is not a readable Core ML model ({e})") from None
-    if model.WhichOneof("Type") != "mlProgram":
-        raise ModelFileError(path, f"not an ML program (model type {model.WhichOneof('Type')!r})")
-    return model
-
-
-def declared_batch_range(proto, path, name: str = INPUT) -> tuple[int, int | None]:
-    """(lowest, highest) batch input `name` of a package takes; highest None: unbounded.
-
-    A tensor input declares it in its shape range (or a fixed shape); the user metadata key
-    BATCH_RANGE_KEY declares it for any input (the only place for an image input). Where both
-    are there they must agree; a package that declares neither is refused.
-    """
-    found = []
-    meta = dict(proto.description.metadata.userDefined)
-    if BATCH_RANGE_KEY in meta:
-        found.append(_parse_batch_range(meta[BATCH_RANGE_KEY], path))
-    feature = next((f for f in proto.description.input if f.name == name), None)
-    if feature is not None and feature.type.WhichOneof("Type") == "multiArrayType":
-        array = feature.type.multiArrayType
-        flexibility = array.WhichOneof("ShapeFlexibility")
-        if flexibility == "shapeRange" and array.shapeRange.sizeRanges:
-            r = array.shapeRange.sizeRanges[0]
-            found.append((int(r.lowerBound), int(r.upperBound) if r.upperBound >= 0 else None))
-        elif flexibility is None and array.shape:
-            found.append((int(array.shape[0]), int(array.shape[0])))
-    if not found:
-        raise ModelFileError(path, f"input {name!r} declares no batch range (no shape range and no "
-                                   f"{BATCH_RANGE_KEY!r} metadata); re-export it with `flm export`")
-    if len(set(found)) > 1:
-        raise ModelFileError(path, f"input {name!r} declares two batch ranges: {found[0]} in "
-                                   f"{BATCH_RANGE_KEY!r} and {found[1]} in its shape range")
-    return found[0]
-
-
-def _parse_batch_range(text: str, path) -> tuple[int, int | None]:
-    try:
-        lo, hi = json.loads(text)
-        if not isinstance(lo, int) or lo < 1 or not (hi is None or (isinstance(hi, int) and hi >= lo)):
-            raise ValueError
-    except (ValueError, TypeError):
-        raise ModelFileError(path, f"metadata {BATCH_RANGE_KEY!r} is {text!r}; expected [lowest, highest], "
-                                   "e.g. [1, 16]") from None
-    return lo, hi
 
 
 def open_coreml(path, runner: str = "auto"):
@@ -204,8 +124,6 @@ def open_coreml(path, runner: str = "auto"):
     if runner == "coreml":
         predict, how = _coreml_predictor(path, spec, input_kind, outputs), "Core ML MLModel.predict (macOS, CPU only)"
     elif runner == "reference":
-        from flm.exporters.mil_eval import MilProgram
-
         program = MilProgram(path, proto)
 
         def predict(x):

@@ -1,9 +1,9 @@
 """A reference evaluator for Core ML ML programs, in numpy, for checking exports off macOS.
 
 It reads a saved `.mlpackage` from disk — the program from `Data/com.apple.CoreML/model.mlmodel`
-(protobuf, `coremltools.proto.Model_pb2`) and the weights from the package's `weights/*.bin`
-through coremltools' own blob reader (`libmilstoragepython._BlobStorageReader`) — and runs the
-program's `main` function op by op.
+(protobuf, `coremltools.proto.Model_pb2`, through `flm.exporters.mlpackage`) and the weights from
+the package's `weights/*.bin` (parsed by `flm.coreml_io.read_blob_file`, the parser check-budget
+uses too) — and runs the program's `main` function op by op.
 
 - It implements exactly the ops flm's presets produce (plus a few close relatives, each with
   MIL's documented semantics). An op it does not know is an error (`UnsupportedOp`), raised
@@ -14,20 +14,21 @@ program's `main` function op by op.
 - Every result's shape is checked against the shape the converter declared for it: a mismatch
   means this evaluator and coremltools disagree on an op's meaning, and is an error too.
 - An input with a flexible batch axis takes only the batch sizes the package declares
-  (`flm.exporters.coreml.declared_batch_range`); any other batch is refused, as Core ML does.
+  (`flm.exporters.mlpackage.declared_batch_range`); any other batch is refused, as Core ML does.
 
-This module needs coremltools (for the protobuf classes and the blob reader), never torch.
+This module needs coremltools (for the protobuf classes), never torch.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
 
+from flm.coreml_io import blob_at, read_blob_file
 from flm.errors import FlmError, ModelFileError
+from flm.exporters.mlpackage import MODEL_FILE, declared_batch_range, read_package
 
 
 class MilEvalError(FlmError):
@@ -48,9 +49,9 @@ class UnsupportedOp(MilEvalError):
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "FLOAT64": np.float64, "INT8": np.int8,
            "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16,
            "UINT32": np.uint32, "BOOL": np.bool_, "STRING": np.str_}
+_BLOB_DTYPES = ("float16", "float32", "int8", "int16", "int32", "uint8", "uint16", "uint32")  # weights it reads
 _CAST = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int16": np.int16, "int8": np.int8,
          "uint8": np.uint8, "uint16": np.uint16, "bool": np.bool_}
-_BLOB_SENTINEL = 0xDEADBEEF
 
 
 def _dtype(type_proto, where):
@@ -74,12 +75,10 @@ class MilProgram:
     """The `main` function of a saved ML program, ready to run on numpy inputs."""
 
     def __init__(self, package, model_proto=None):
-        from flm.exporters.coreml import MODEL_FILE, declared_batch_range, read_package
-
         self.path = Path(package)
         proto = model_proto if model_proto is not None else read_package(self.path)
         self.weights_dir = self.path / MODEL_FILE.parent / "weights"
-        self._readers: dict[str, object] = {}
+        self._blob_files: dict[Path, dict] = {}  # weight file -> its blobs, each file read once
         functions = proto.mlProgram.functions
         if "main" not in functions:
             raise ModelFileError(self.path, f"ML program has no 'main' function (has {list(functions)})")
@@ -149,35 +148,15 @@ class MilProgram:
         raise MilEvalError(f"{where}: value kind {kind!r} is not supported")
 
     def _read_blob(self, file_name: str, offset: int, dtype, where) -> np.ndarray:
-        from coremltools.libmilstoragepython import _BlobStorageReader
-
         path = self.weights_dir / Path(file_name).name
         if not path.is_file():
             raise ModelFileError(self.path, f"weight file {path.name} is missing (referenced by {where})")
-        # Check the blob's header lies inside the file before the C++ reader touches it, so a
-        # truncated package is a clear error instead of a crash.
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            f.seek(offset)
-            head = f.read(24)
-        if len(head) < 24:
-            raise ModelFileError(self.path, f"{path.name} is truncated: no weight header at offset {offset}")
-        sentinel, _, nbytes, data_offset = struct.unpack("<IIQQ", head)
-        if sentinel != _BLOB_SENTINEL or data_offset + nbytes > size:
-            raise ModelFileError(self.path, f"{path.name} is truncated or corrupt at offset {offset} "
-                                            f"(needs {data_offset + nbytes} bytes, has {size})")
-        reader = self._readers.get(str(path))
-        if reader is None:
-            reader = self._readers[str(path)] = _BlobStorageReader(str(path))
-        if dtype == np.float32:
-            return np.array(reader.read_float_data(offset), np.float32)
-        if dtype == np.float16:
-            return np.frombuffer(np.array(reader.read_fp16_data(offset)).tobytes(), np.float16).copy()
-        readers = {np.int32: "read_int32_data", np.int16: "read_int16_data", np.int8: "read_int8_data",
-                   np.uint8: "read_uint8_data", np.uint16: "read_uint16_data", np.uint32: "read_uint32_data"}
-        if dtype not in readers:
-            raise MilEvalError(f"{where}: weights of dtype {np.dtype(dtype).name} are not supported")
-        return np.array(getattr(reader, readers[dtype])(offset), dtype)
+        if path not in self._blob_files:
+            self._blob_files[path] = read_blob_file(path, self.path)
+        stored, _, data = blob_at(self._blob_files[path], offset, np.dtype(dtype).name, file_name, self.path)
+        if stored not in _BLOB_DTYPES:
+            raise MilEvalError(f"{where}: weights of dtype {stored} are not supported")
+        return np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype)
 
     # ----------------------------------------------------------------------- running
 
