@@ -21,6 +21,7 @@ log = logging.getLogger("flm")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 EXAMPLE = "flm detect photo.jpg frames/ clip.mp4 --model flm-68.onnx --out annotated/ --json faces.json"
+MAX_BAD_FRAMES = 25  # undecodable frames in a row after which a video is taken to have ended
 
 
 def collect_inputs(paths: list[Path]) -> list[tuple[Path, str]]:
@@ -83,44 +84,80 @@ def _detect_image(landmarker, path: Path, out_dir: Path | None, used: set[str], 
     return record
 
 
+def _frames(cap, path: Path):
+    """Yield (index, BGR frame, or None for a frame OpenCV cannot decode). Frames that fail at
+    the end, after the last good one, are not yielded: there the video just ended early (the
+    frame count in a header is often an estimate); they are logged once."""
+    import cv2
+
+    total, index, pending = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0, []
+    while True:
+        ok = cap.grab()
+        if ok:
+            ok, bgr = cap.retrieve()
+            ok = ok and bgr is not None and bgr.size > 0
+        if ok:
+            yield from ((i, None) for i in pending)
+            pending = []
+            yield index, bgr
+        elif index < total and len(pending) < MAX_BAD_FRAMES:
+            pending.append(index)
+        else:
+            break
+        index += 1
+    if pending:
+        log.warning("%s: frames from %d on (of the %d its header announces) cannot be read; taken as the end of "
+                    "the video", path, pending[0], total)
+
+
 def _video_frames(landmarker, cap, fps: float, path: Path, tmp: Path | None, sunglasses: bool):
-    """Run every frame through `detect_for_video`; write annotated frames to `tmp` if given."""
+    """Run every frame through `detect_for_video`; write annotated frames to `tmp` if given.
+    A frame that cannot be decoded or used is reported with its index and skipped."""
     import cv2
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flm.runtime.draw import annotate
+    from flm.runtime.landmarker import InvalidInputError
     from flm.ui import console
 
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    frames, ms, writer = [], 0.0, None
+    frames, skipped, ms, writer = [], [], 0.0, None
     landmarker.reset_video()
     try:
         with Progress(TextColumn(f"[bold]{path.name}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("video", total=total)
-            while True:
-                ok, bgr = cap.read()
-                if not ok:
-                    break
-                t = time.perf_counter()
-                result = landmarker.detect_for_video(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), len(frames) * 1000.0 / fps)
-                ms += (time.perf_counter() - t) * 1000
-                frames.append({"frame": len(frames), **result.to_dict()})
-                if tmp is not None:
-                    if writer is None:
-                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps,
-                                                 (bgr.shape[1], bgr.shape[0]))
-                        if not writer.isOpened():
-                            raise UsageError(f"OpenCV cannot write an mp4 video for {path.name} "
-                                             "(no mp4v encoder in this OpenCV build)")
-                    writer.write(annotate(bgr, result, sunglasses=sunglasses))
+            for index, bgr in _frames(cap, path):
                 bar.update(task, advance=1)
+                try:
+                    if bgr is None:
+                        raise InvalidInputError("OpenCV cannot decode it (corrupt data?)")
+                    t = time.perf_counter()
+                    result = landmarker.detect_for_video(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), index * 1000.0 / fps)
+                    ms += (time.perf_counter() - t) * 1000
+                except InvalidInputError as e:
+                    log.warning("%s: frame %d skipped: %s", path, index, e)
+                    skipped.append(index)
+                    continue
+                frames.append({"frame": index, **result.to_dict()})
+                if tmp is not None:
+                    writer = writer or _open_writer(tmp, fps, bgr.shape, path)
+                    writer.write(annotate(bgr, result, sunglasses=sunglasses))
     finally:
         if writer is not None:
             writer.release()
     if not frames:
         raise UsageError(f"video {str(path)!r} has no readable frames", example=EXAMPLE)
-    return frames, ms
+    return frames, skipped, ms
+
+
+def _open_writer(tmp: Path, fps: float, shape, path: Path):
+    import cv2
+
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (shape[1], shape[0]))
+    if not writer.isOpened():
+        raise UsageError(f"OpenCV cannot write an mp4 video for {path.name} (no mp4v encoder in this OpenCV build)")
+    return writer
 
 
 def _detect_video(landmarker, path: Path, out_dir: Path | None, used: set[str], sunglasses: bool) -> dict:
@@ -138,15 +175,18 @@ def _detect_video(landmarker, path: Path, out_dir: Path | None, used: set[str], 
     started = time.perf_counter()
     try:
         if dest is None:
-            frames, ms = _video_frames(landmarker, cap, fps, path, None, sunglasses)
+            frames, skipped, ms = _video_frames(landmarker, cap, fps, path, None, sunglasses)
         else:
             with atomic_path(dest, suffix=".mp4") as tmp:
-                frames, ms = _video_frames(landmarker, cap, fps, path, tmp, sunglasses)
+                frames, skipped, ms = _video_frames(landmarker, cap, fps, path, tmp, sunglasses)
             log_written(dest, started)
     finally:
         cap.release()
-    record = {"path": str(path), "kind": "video", "fps": fps, "frames": frames,
-              "ms": round(ms / len(frames), 2), "faces_total": sum(len(f["faces"]) for f in frames)}
+    record = {"path": str(path), "kind": "video", "fps": fps, "frames": frames, "skipped_frames": skipped,
+              "tracking": landmarker.options.tracking, "ms": round(ms / len(frames), 2),
+              "frames_per_second": round(1000.0 * len(frames) / max(ms, 1e-9), 1),
+              "detector_frames": sum(1 for f in frames if f["detector_ran"]),
+              "faces_total": sum(len(f["faces"]) for f in frames)}
     if dest is not None:
         record["output"] = str(dest)
     return record
@@ -188,6 +228,9 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                              help="Extra passes cropping around the landmarks just found "
                                                   "(default: 2 for haar, 1 for none, 0 for yunet)."),
         threads: int = typer.Option(0, "--threads", help="onnxruntime threads (0: one per core)."),
+        tracking: bool = typer.Option(True, "--tracking/--no-tracking",
+                                      help="Videos: follow each face from its last frame's landmarks and run the "
+                                           "detector only now and then (default), or run it on every frame."),
     ):
         """Find faces and their landmarks; write annotated images/videos (--out) and JSON (--json)."""
         from flm.fileio import atomic_path, log_written
@@ -200,7 +243,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                              f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
         inputs = collect_inputs(paths)
         options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face,
-                                        refine=refine, threads=threads, color="RGB")  # frames are converted
+                                        refine=refine, threads=threads, color="RGB",  # frames are converted
+                                        tracking=tracking)
         landmarker = FaceLandmarker.create(model, options)
         log.info("%r", landmarker)
         if out is not None:
@@ -216,7 +260,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             doc = {"model": landmarker.source, "spec": landmarker.spec.to_dict(),
                    "detector": landmarker.detector.describe(),
                    "refine": landmarker.detector.default_refine if refine is None else refine,
-                   "max_faces": max_faces, "min_face_size": min_face, "files": records}  # None: scaled with the image
+                   "max_faces": max_faces, "min_face_size": min_face,  # None: scaled with the image
+                   "tracking": tracking, "files": records}
             with atomic_path(json_out) as tmp:
                 tmp.write_text(json.dumps(doc, indent=1))
             log_written(json_out, started)
@@ -224,7 +269,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         t = Table(title=f"flm detect — {landmarker.spec.preset} ({landmarker.spec.num_points} points), "
                         f"detector {landmarker.detector.describe()}")
         for col, just in (("input", "left"), ("kind", "left"), ("faces", "right"), ("ms / image", "right"),
-                          ("yaw / pitch / roll", "right"), ("output", "left")):
+                          ("frames / s", "right"), ("yaw / pitch / roll", "right"), ("output", "left")):
             t.add_column(col, justify=just)
         for r in records:
             if r["kind"] == "image":
@@ -233,9 +278,12 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             else:
                 with_face = sum(1 for f in r["frames"] if f["faces"])
                 faces = f"{with_face}/{len(r['frames'])} frames"
+                faces += f" ({len(r['skipped_frames'])} skipped)" if r["skipped_frames"] else ""
                 pose = None
             pose_s = f"{pose['yaw']:.0f}° / {pose['pitch']:.0f}° / {pose['roll']:.0f}°" if pose else "-"
-            t.add_row(Path(r["path"]).name, r["kind"], faces, f"{r['ms']:.1f}", pose_s,
+            speed = "-" if r["kind"] == "image" else f"{r['frames_per_second']:.1f}"
+            kind = r["kind"] if r["kind"] == "image" else f"video ({'' if r['tracking'] else 'no '}tracking)"
+            t.add_row(Path(r["path"]).name, kind, faces, f"{r['ms']:.1f}", speed, pose_s,
                       Path(r["output"]).name if "output" in r else "-")
         out_console.print(t)
         if out is not None:

@@ -13,6 +13,10 @@ The pipeline for one image:
    difference between detector framing and training framing;
 5. head pose from 68 points (`flm.runtime.pose`).
 
+Video (`detect_for_video`): each face is cropped from its landmarks in the frame before
+(`flm.runtime.tracking`), so the detector runs only to find faces, and its points are smoothed
+(`flm.runtime.smoothing`).
+
 Images smaller than `MIN_IMAGE_SIDE` pixels a side give an empty result (they cannot hold a
 face); empty arrays, NaN/inf pixels and unusable shapes raise `InvalidInputError`.
 """
@@ -31,9 +35,10 @@ import onnxruntime as ort
 from flm.errors import FlmError, ModelFileError, UsageError
 from flm.geometry import crop_matrix, invert_affine, landmark_box, soft_argmax, to_model_input, transform_points, warp
 from flm.images import load_image, to_rgb_uint8
-from flm.runtime.detectors import FaceDetector, WholeImageDetector, make_detector
+from flm.runtime.detectors import FaceDetector, WholeImageDetector, box_iou, make_detector
 from flm.runtime.pose import HeadPose, head_pose
 from flm.runtime.smoothing import FaceTracker
+from flm.runtime.tracking import LandmarkTrack, LandmarkTracker, track_quality
 from flm.spec import SPEC_METADATA_KEY, CropRule, ModelSpec
 
 log = logging.getLogger("flm")
@@ -92,10 +97,45 @@ class FaceLandmarkerOptions:
     color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
     crop: override the model's crop rule (None: the rule in the model's spec — keep it).
     pose: estimate head pose for 68-point models.
-    smoothing_min_cutoff / smoothing_beta: One Euro filter settings for `detect_for_video`
-        (defaults: 1 px of jitter on a still 100 px face drops to 0.3 px; a face moving one
-        face-width per second lags by about 3 % of its size).
-    track_iou: IoU a face needs with a tracked face of the previous frame to continue it.
+    smoothing: One Euro smoothing of the landmarks in `detect_for_video` (False: raw landmarks).
+    smoothing_min_cutoff / smoothing_beta / smoothing_d_cutoff: the One Euro filter of
+        `detect_for_video` (`flm.runtime.smoothing.OneEuroFilter`: cut-off in Hz, plus beta per
+        face size a second of each point's speed; the speed itself smoothed at d_cutoff Hz).
+        Defaults 0.3 / 40 / 0.3 from `python benchmarks/stability.py --smoothing 0.5,4,1`
+        (flm-68, 4 clips, tracking; % of the inter-ocular distance): still-face jitter 0.84
+        raw -> 0.12 (image mode 0.74), NME while moving at up to 2.6 face widths a second 5.22
+        raw -> 5.46 (image mode 5.45), lag 4 ms. The earlier 0.5 / 4 / 1 smoothed a still face
+        a little more (0.08) but lagged 16 ms and cost 7.49 % NME while moving. Jitter much
+        larger than flm-68's partly reads as motion: 0.8 px of noise on a 100 px face is only
+        about halved.
+    tracking: in `detect_for_video`, crop each face from its previous frame's landmarks and run
+        the detector only to find faces (`flm.runtime.tracking`): a frame then costs one model run
+        per face instead of a detector run plus 1 + refine model runs. False: the detector runs
+        on every frame, as in `detect`, and faces are matched to the last frame's by IoU.
+    redetect_interval_ms: with tracking, while fewer than `max_faces` faces are tracked, the
+        detector runs again after this much stream time to pick up faces that came into view
+        (a new face shows within this delay); 0: on every frame. A frame it runs on costs about
+        what `detect` costs (Haar at 640x480: 100-200 ms on one core), so a real-time app may
+        lower `max_faces` to the faces it wants (with all of them tracked it never runs) or
+        raise this.
+    track_min_quality: with tracking, a face whose quality (the mean per-point confidence, the
+        heatmap peak probability; see `flm.runtime.tracking.track_quality`) falls below this is
+        lost, and the detector runs on that frame to find it again (same track id if found near
+        where it was, the track ends if not). Measured with flm-68 on 218 held-out faces (every
+        4th of youtube-faces-68's and 300w-train's; `python benchmarks/stability.py --calibrate`,
+        benchmarks/results/stability-calibration.json): crops cut from the true landmark box
+        score 0.124 at the 0.5th percentile (median 0.139), a face rolled 12 deg and cropped 10 %
+        off, as a fast-moving face is, 0.120 (median 0.138); windows of the same size elsewhere
+        in the photo, without the face, 0.104 at the 95th percentile and 0.121 at the 99th
+        (median 0.060), faces half out of the image 0.109 at the 99th (median 0.071). 0.11 keeps
+        every face and drops 96 % of the empty windows and 99 % of the half-out faces in one
+        frame; it sits near the empty windows' high end because a face lost by mistake costs a
+        detector run (and its track, if the detector misses it), while a track kept on an empty
+        crop is tested again on the next frame. A model with another heatmap size needs its
+        own value; for a model without confidence (always 1.0) only a landmark box whose centre
+        leaves the image ends a track.
+    track_iou: a face (a detection, or with tracking off the next frame's face) whose landmark
+        box overlaps a track's by more than this IoU is that track's face.
     """
 
     detector: str | FaceDetector = "haar"
@@ -109,8 +149,13 @@ class FaceLandmarkerOptions:
     color: str = "BGR"
     crop: CropRule | None = None
     pose: bool = True
-    smoothing_min_cutoff: float = 0.5
-    smoothing_beta: float = 4.0
+    smoothing: bool = True
+    smoothing_min_cutoff: float = 0.3
+    smoothing_beta: float = 40.0
+    smoothing_d_cutoff: float = 0.3
+    tracking: bool = True
+    redetect_interval_ms: float = 1000.0
+    track_min_quality: float = 0.11
     track_iou: float = 0.3
 
     def validate(self) -> None:
@@ -129,6 +174,15 @@ class FaceLandmarkerOptions:
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise UsageError(f"FaceLandmarkerOptions.min_face_size must be None (scaled with the image) or an "
                              f"integer >= 1 pixel, got {m!r}", example="FaceLandmarkerOptions(min_face_size=40)")
+        self._validate_video()
+
+    def _validate_video(self) -> None:
+        for name, low, high in (("redetect_interval_ms", 0.0, float("inf")), ("track_min_quality", 0.0, 1.0),
+                                ("track_iou", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise UsageError(f"FaceLandmarkerOptions.{name} must be a number from {low} to {high}, got {v!r}",
+                                 example="FaceLandmarkerOptions(redetect_interval_ms=1000, track_min_quality=0.11)")
 
 
 def min_face_side(min_face_size: int | None, image_shape) -> float:
@@ -175,12 +229,16 @@ class FaceLandmarkerResult:
     """Faces of one image, best detector score first; empty (never None) when there is none.
 
     `dropped`: faces found (detector boxes that passed the size, score and overlap checks, or app
-    boxes) but not landmarked because `max_faces` were already kept; 0 when none was."""
+    boxes) but not landmarked because `max_faces` were already kept; 0 when none was. In video
+    mode with tracking, as of the detector's last run.
+    `detector_ran`: whether the face detector ran for this image or frame (video mode with
+    tracking runs it only now and then; see `FaceLandmarkerOptions.tracking`)."""
 
     faces: list[Face] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)  # (width, height)
     timestamp_ms: float | None = None
     dropped: int = 0
+    detector_ran: bool = False
 
     @property
     def found(self) -> int:
@@ -198,6 +256,7 @@ class FaceLandmarkerResult:
              "dropped": self.dropped}
         if self.timestamp_ms is not None:
             d["timestamp_ms"] = self.timestamp_ms
+            d["detector_ran"] = self.detector_ran
         return d
 
 
@@ -301,7 +360,8 @@ class FaceLandmarker:
     """Faces and landmarks from images and video frames. Create with `FaceLandmarker.create`.
 
     Thread-safe: `detect` keeps all per-call state local (onnxruntime's `run` is thread-safe
-    and detectors lock themselves); `detect_for_video` updates the tracker under a lock.
+    and detectors lock themselves); `detect_for_video` runs one frame at a time, under a lock
+    (each frame starts from the last one's tracks).
     """
 
     def __init__(self, session, spec: ModelSpec, options: FaceLandmarkerOptions, source: str = "<session>"):
@@ -317,10 +377,14 @@ class FaceLandmarker:
         # with min_face_size None the detector scans down to the floor; `detect` applies the image's own minimum
         self.detector = make_detector(options.detector, options.min_face_size or MIN_FACE_FLOOR,
                                       options.detector_score, options.nms_iou)
+        smoothing = (options.smoothing_min_cutoff, options.smoothing_beta, options.smoothing_d_cutoff)
         self._tracker = FaceTracker(options.track_iou, min_cutoff=options.smoothing_min_cutoff,
-                                    beta=options.smoothing_beta)
+                                    beta=options.smoothing_beta, d_cutoff=options.smoothing_d_cutoff)
+        self._tracks = LandmarkTracker(options.track_min_quality, options.redetect_interval_ms, options.track_iou,
+                                       smoothing)
         self._video_lock = threading.Lock()
         self._last_ts: float | None = None
+        self._stream: tuple[int, int, bool] | None = None  # (width, height, gray) of the video's frames
 
     @classmethod
     def create(cls, model=None, options: FaceLandmarkerOptions | None = None) -> "FaceLandmarker":
@@ -421,6 +485,28 @@ class FaceLandmarker:
         pts = np.stack([transform_points(p, invert_affine(m)) for p, m in zip(pts_in, mats)])
         return pts, conf
 
+    def _find_faces(self, rgb: np.ndarray):
+        """The detector's faces big enough for this image, best first: (boxes, scores, landmark boxes)."""
+        det, scores = self.detector.detect(rgb)
+        if not isinstance(self.detector, WholeImageDetector):
+            sides = np.minimum(det[:, 2] - det[:, 0], det[:, 3] - det[:, 1])
+            big = sides >= min_face_side(self.options.min_face_size, rgb.shape)
+            det, scores = det[big], scores[big]
+        return det, scores, self.detector.landmark_boxes(det, rgb.shape, self.crop_rule)
+
+    def _passes(self, rgb: np.ndarray, lm_boxes: np.ndarray, passes: int):
+        """Run the model `passes` times, each around the landmarks of the one before:
+        (points, confidence, landmark boxes of the points)."""
+        pts = conf = None
+        for _ in range(passes):
+            pts, conf = self.landmarks_for_boxes(rgb, lm_boxes)
+            lm_boxes = np.stack([_next_box(p, b) for p, b in zip(pts, lm_boxes)])
+        return pts, conf, lm_boxes
+
+    def _face(self, shape, box, score, points, detection_box, confidence, track_id=None) -> Face:
+        pose = head_pose(points, shape) if (self.options.pose and self.spec.num_points == 68) else None
+        return Face(box, float(score), points, detection_box, confidence, pose, track_id)
+
     # ------------------------------------------------------------------ public API
 
     def detect(self, image, boxes=None) -> FaceLandmarkerResult:
@@ -430,7 +516,9 @@ class FaceLandmarker:
         detector is skipped; each box is used as the first landmark box and refined like a
         detector box.
         """
-        rgb = self._to_rgb(image)
+        return self._detect_rgb(self._to_rgb(image), boxes)
+
+    def _detect_rgb(self, rgb: np.ndarray, boxes=None) -> FaceLandmarkerResult:
         h, w = rgb.shape[:2]
         result = FaceLandmarkerResult([], (w, h))
         refine = self.options.refine
@@ -444,64 +532,154 @@ class FaceLandmarker:
         else:
             if min(h, w) < MIN_IMAGE_SIDE:
                 return result
-            det, scores = self.detector.detect(rgb)
-            if not isinstance(self.detector, WholeImageDetector):
-                sides = np.minimum(det[:, 2] - det[:, 0], det[:, 3] - det[:, 1])
-                big = sides >= min_face_side(self.options.min_face_size, rgb.shape)
-                det, scores = det[big], scores[big]
+            det, scores, lm_boxes = self._find_faces(rgb)
             result.dropped = max(0, len(det) - self.options.max_faces)
-            det, scores = det[: self.options.max_faces], scores[: self.options.max_faces]
-            lm_boxes = self.detector.landmark_boxes(det, rgb.shape, self.crop_rule)
+            det, scores, lm_boxes = (a[: self.options.max_faces] for a in (det, scores, lm_boxes))
             refine = self.detector.default_refine if refine is None else refine
+            result.detector_ran = True
         if len(det) == 0:
             return result
-        pts = conf = None
-        for _ in range(1 + refine):
-            pts, conf = self.landmarks_for_boxes(rgb, lm_boxes)
-            lm_boxes = np.stack([_next_box(p, b) for p, b in zip(pts, lm_boxes)])
+        pts, conf, lm_boxes = self._passes(rgb, lm_boxes, 1 + refine)
         for i in range(len(det)):
-            p = pts[i]
-            if not np.isfinite(p).all():
+            if not np.isfinite(pts[i]).all():
                 log.warning("%s: non-finite landmarks for face %d; dropped", self.source, i)
                 continue
-            pose = head_pose(p, rgb.shape) if (self.options.pose and self.spec.num_points == 68) else None
-            result.faces.append(Face(lm_boxes[i], float(scores[i]), p, det[i],
-                                     None if conf is None else conf[i], pose))
+            result.faces.append(self._face(rgb.shape, lm_boxes[i], scores[i], pts[i], det[i],
+                                           None if conf is None else conf[i]))
         return result
 
     def detect_for_video(self, frame, timestamp_ms: float) -> FaceLandmarkerResult:
-        """`detect` plus tracking and One Euro smoothing; timestamps must increase."""
+        """Faces of one video frame, with track ids and One Euro smoothing.
+
+        With `options.tracking` (default) each face is cropped from its landmarks in the frame
+        before and the detector runs only when a face is lost or, while fewer than `max_faces`
+        are tracked, every `redetect_interval_ms` (see `flm.runtime.tracking`); without it,
+        `detect` runs on every frame. Faces keep their `track_id` while followed; ids restart
+        at 0 after `reset_video()`.
+
+        One stream at a time: `timestamp_ms` must increase, and every frame must have the first
+        one's size and be colour (H x W x 3/4) if it was, gray (H x W or H x W x 1) if it was.
+        A frame breaking these rules raises `InvalidInputError` and changes nothing, so the
+        stream can go on; call `reset_video()` before frames of another stream.
+        """
+        ts = self._timestamp(timestamp_ms)
+        gray = isinstance(frame, np.ndarray) and (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1))
+        rgb = self._to_rgb(frame)
+        with self._video_lock:
+            self._check_stream(ts, rgb.shape, gray)
+            if self.options.tracking:
+                result = self._track_frame(rgb, ts)
+            else:
+                result = self._match_frame(rgb, ts)
+            self._last_ts, self._stream = ts, (rgb.shape[1], rgb.shape[0], gray)
+        result.timestamp_ms = ts
+        return result
+
+    def _timestamp(self, timestamp_ms) -> float:
         try:
             ts = float(timestamp_ms)
         except (TypeError, ValueError):
             raise InvalidInputError(f"timestamp_ms must be a number, got {timestamp_ms!r}") from None
-        with self._video_lock:
-            self._check_timestamp(ts)
-        result = self.detect(frame)
-        with self._video_lock:
-            self._check_timestamp(ts)  # again: another thread may have moved on meanwhile
-            self._last_ts = ts
-            ids, smoothed = self._tracker.update([f.box for f in result.faces],
-                                                 [f.landmarks for f in result.faces], ts / 1000.0)
-        for face, tid, pts in zip(result.faces, ids, smoothed):
-            face.track_id, face.landmarks = tid, pts
-            face.box = _next_box(pts, face.box)
-            if face.pose is not None:
-                face.pose = head_pose(pts, (result.image_size[1], result.image_size[0]))
-        result.timestamp_ms = ts
-        return result
-
-    def _check_timestamp(self, ts: float) -> None:
         if not np.isfinite(ts):
             raise InvalidInputError(f"timestamp_ms must be finite, got {ts}")
+        return ts
+
+    def _check_stream(self, ts: float, shape, gray: bool) -> None:
         if self._last_ts is not None and ts <= self._last_ts:
             raise InvalidInputError(f"timestamp_ms must increase from frame to frame: got {ts} after {self._last_ts}")
+        if self._stream is None:
+            return
+        w, h, was_gray = self._stream
+        if (shape[1], shape[0]) != (w, h):
+            raise InvalidInputError(f"frame is {shape[1]}x{shape[0]} but this video's frames are {w}x{h}; "
+                                    "call reset_video() before the frames of another video")
+        if gray != was_gray:
+            kinds = ("grayscale", "colour") if gray else ("colour", "grayscale")
+            raise InvalidInputError(f"frame is {kinds[0]} but this video's frames are {kinds[1]}; "
+                                    "call reset_video() before the frames of another video")
+
+    def _match_frame(self, rgb: np.ndarray, ts: float) -> FaceLandmarkerResult:
+        """Tracking off: `detect`, then match the faces to the last frame's by IoU and smooth."""
+        result = self._detect_rgb(rgb)
+        ids, smoothed = self._tracker.update([f.box for f in result.faces],
+                                             [f.landmarks for f in result.faces], ts / 1000.0)
+        for i, (face, tid) in enumerate(zip(result.faces, ids)):
+            pts = smoothed[i] if self.options.smoothing else face.landmarks
+            result.faces[i] = self._face(rgb.shape, _next_box(pts, face.box), face.score, pts,
+                                         face.detection_box, face.confidence, tid)
+        return result
+
+    def _track_frame(self, rgb: np.ndarray, ts: float) -> FaceLandmarkerResult:
+        """Tracking on: follow the tracks, run the detector if one was lost or it is due."""
+        tracker, (h, w) = self._tracks, rgb.shape[:2]
+        result = FaceLandmarkerResult([], (w, h))
+        if min(h, w) < MIN_IMAGE_SIDE:
+            return result
+        kept, lost = self._follow(rgb, ts / 1000.0)
+        if lost or tracker.detection_due(ts, self.options.max_faces):
+            kept += self._pick_up(rgb, kept, lost, ts / 1000.0)
+            tracker.last_detection_ms, result.detector_ran = ts, True
+        tracker.tracks = tracker.without_duplicates(kept, self.options.nms_iou)
+        result.dropped = tracker.dropped
+        for t in tracker.tracks:
+            pts = tracker.smooth(t, t.points, ts / 1000.0) if self.options.smoothing else t.points
+            result.faces.append(self._face(rgb.shape, _next_box(pts, t.box), t.score, pts, t.detection_box,
+                                           t.confidence, t.id))
+        return result
+
+    def _follow(self, rgb: np.ndarray, t_s: float) -> tuple[list[LandmarkTrack], list[LandmarkTrack]]:
+        """Run the model once on each track's crop (its last landmark box moved on by its
+        velocity, `LandmarkTracker.predicted_box`): (healthy tracks, lost tracks)."""
+        tracks = self._tracks.tracks
+        if not tracks:
+            return [], []
+        crops = np.stack([self._tracks.predicted_box(t, t_s) for t in tracks])
+        pts, conf = self.landmarks_for_boxes(rgb, crops)
+        kept, lost = [], []
+        for i, t in enumerate(tracks):
+            c = None if conf is None else conf[i]
+            box = _next_box(pts[i], crops[i])
+            t.quality = track_quality(c, box, rgb.shape) if np.isfinite(pts[i]).all() else 0.0
+            if self._tracks.healthy(t.quality):
+                self._tracks.moved(t, box, t_s)
+                t.points, t.confidence = pts[i], c
+                kept.append(t)
+            else:
+                lost.append(t)
+        return kept, lost
+
+    def _pick_up(self, rgb: np.ndarray, kept: list[LandmarkTrack], lost: list[LandmarkTrack],
+                 t_s: float) -> list[LandmarkTrack]:
+        """Run the detector: tracks for the faces no healthy track follows (a lost track a face
+        overlaps is resumed; lost tracks left over end), at most `max_faces` in all."""
+        tracker = self._tracks
+        det, scores, lm_boxes = self._find_faces(rgb)
+        if kept and len(det):
+            free = box_iou(lm_boxes, np.stack([t.box for t in kept])).max(axis=1) <= tracker.iou
+            det, scores, lm_boxes = det[free], scores[free], lm_boxes[free]
+        room = self.options.max_faces - len(kept)
+        tracker.dropped = max(0, len(det) - room)
+        det, scores, lm_boxes = det[:room], scores[:room], lm_boxes[:room]
+        if not len(det):
+            return []
+        refine = self.detector.default_refine if self.options.refine is None else self.options.refine
+        pts, conf, lm_boxes = self._passes(rgb, lm_boxes, 1 + refine)
+        found = []
+        for i in range(len(det)):
+            if not np.isfinite(pts[i]).all():
+                continue
+            c = None if conf is None else conf[i]
+            t = tracker.start(lm_boxes[i], det[i], scores[i], track_quality(c, lm_boxes[i], rgb.shape), lost, t_s)
+            t.points, t.confidence = pts[i], c
+            found.append(t)
+        return found
 
     def reset_video(self) -> None:
-        """Forget tracks and the last timestamp (start of a new video)."""
+        """Forget tracks, the last timestamp and the frame size (start of a new video)."""
         with self._video_lock:
             self._tracker.reset()
-            self._last_ts = None
+            self._tracks.reset()
+            self._last_ts = self._stream = None
 
     def __repr__(self) -> str:
         return (f"FaceLandmarker({self.source!r}, {self.spec.preset}, {self.spec.num_points} points, "

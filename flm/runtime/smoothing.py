@@ -3,7 +3,8 @@
 `OneEuroFilter` is the filter of Casiez, Roussel and Vogel (CHI 2012): a low-pass filter
 whose cut-off rises with the signal's speed, so a still face does not jitter and a moving
 face does not lag. `FaceTracker` matches each frame's faces to the previous frame's by IoU
-and keeps one filter per tracked face.
+and keeps one filter per tracked face (video mode with `tracking=False`; with tracking, see
+`flm.runtime.tracking`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ class OneEuroFilter:
     `min_cutoff` (Hz) sets the smoothing of a still signal (lower = smoother), `beta` how
     fast the cut-off rises with speed (higher = less lag), `d_cutoff` (Hz) the smoothing of
     the speed estimate. Speeds are divided by `scale` (e.g. the face size in pixels), so the
-    same parameters behave alike for small and large faces. The cut-off is per element.
+    same parameters behave alike for small and large faces. The speed is the length of the
+    last axis (for (K, 2) landmarks each point's speed, in whatever direction it moves), so
+    the cut-off is per point: a point moving diagonally lags no more than one moving along
+    an axis, and a mouth opening is followed while the rest of the face stays smoothed.
     """
 
     def __init__(self, min_cutoff: float = 0.5, beta: float = 4.0, d_cutoff: float = 1.0):
@@ -51,7 +55,8 @@ class OneEuroFilter:
             raise ValueError(f"OneEuroFilter: time must increase, got {t} after {self._t}")
         dx = (x - self._x) / dt
         self._dx = self._dx + _alpha(self.d_cutoff, dt) * (dx - self._dx)
-        cutoff = self.min_cutoff + self.beta * np.abs(self._dx) / max(float(scale), 1e-9)
+        speed = np.linalg.norm(self._dx, axis=-1, keepdims=True) if self._dx.ndim else np.abs(self._dx)
+        cutoff = self.min_cutoff + self.beta * speed / max(float(scale), 1e-9)
         self._x = self._x + _alpha(cutoff, dt) * (x - self._x)
         self._t = float(t)
         return self._x.copy()
