@@ -371,6 +371,6 @@ def test_train_stops_on_a_bad_sample_or_skips_and_reports_with_skip_bad(tmp_path
     assert "Traceback" not in err
     assert "skipped 2 bad sample(s)" in err and "not finite" in err  # found when the set is read
     assert "skipped 1 sample(s) whose image cannot be decoded" in err and bad["truncated"] in err
-    m = re.search(r"on (\d+) faces, validating on (\d+)", err)
+    m = re.search(r"\[set, (\d+) faces\]; validating on set \((\d+) faces", err)
     assert m and int(m.group(1)) + int(m.group(2)) == 21, err  # 24 rows - 3 bad
     assert (tmp_path / "skip" / "last.pt").is_file()
