@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -82,12 +83,32 @@ def check_budget(
 def models(
     budget: str = typer.Option(DEFAULT_BUDGET, "--budget", "-b",
                                help=f"Budget for the 'fits' column: {', '.join(budget_names())}."),
+    shipped: bool = typer.Option(False, "--shipped", help="List the trained models flm ships instead (their "
+                                 "names work as FaceLandmarker.create(NAME) and flm detect --model NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout instead of a table."),
 ):
-    """List the model presets with their size as float32 (MB = 10^6 bytes) and whether each fits."""
+    """List the model presets with their size as float32 (MB = 10^6 bytes) and whether each fits;
+    with --shipped, the trained models flm ships."""
+    if shipped:  # the runtime lists them: no torch needed
+        from flm.runtime.commands import show_shipped_models
+
+        show_shipped_models(as_json)
+        return
     from flm.budgets import preset_footprint
     from flm.pipeline.models import PRESETS
 
     b = get_budget(budget)
+    if as_json:
+        rows = []
+        for name, p in PRESETS.items():
+            params, size = preset_footprint(name)
+            s = p.spec
+            rows.append({"name": name, "points": s.num_points, "input_size": s.input_size,
+                         "color_order": s.color_order, "output": s.output, "params": params,
+                         "mb": round(size / MB, 2), "fits": size <= b.max_bytes, "budget": b.name,
+                         "description": p.description})
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return
     wide = out.width >= 130  # else descriptions go in a second table, so 80 columns stay readable
     t = Table(title=f"model presets (MB: float32 size, 10^6 bytes; fits: within {b.name})",
               box=box.SIMPLE, pad_edge=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -20,7 +21,7 @@ log = logging.getLogger("flm")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
-EXAMPLE = "flm detect photo.jpg frames/ clip.mp4 --model flm-68.onnx --out annotated/ --json faces.json"
+EXAMPLE = "flm detect photo.jpg frames/ clip.mp4 --model flm-68 --out annotated/ --json faces.json"
 MAX_BAD_FRAMES = 25  # undecodable frames in a row after which a video is taken to have ended
 
 
@@ -210,12 +211,35 @@ def warn_dropped(record: dict, max_faces: int) -> None:
                     len(record["frames"]), max_faces, most, most)
 
 
+def show_shipped_models(as_json: bool) -> None:
+    """`flm models --shipped [--json]`: the models flm ships, each described by its own file."""
+    from flm.runtime.shipped import shipped_models
+    from flm.ui import out as out_console
+
+    found = shipped_models()
+    if as_json:
+        sys.stdout.write(json.dumps([m.to_dict() for m in found], indent=1) + "\n")
+        return
+    t = Table(title="models flm ships (FaceLandmarker.create(NAME), flm detect --model NAME; MB = 10^6 bytes)")
+    for col, just in (("name", "left"), ("default", "left"), ("points", "right"), ("input", "left"),
+                      ("output", "left"), ("MB", "right"), ("path", "left")):
+        t.add_column(col, justify=just)
+    for m in found:
+        d = m.to_dict()
+        t.add_row(d["name"], "yes" if d["default"] else "", str(d["points"]), f"{d['input_size']} px",
+                  d["output"], f"{d['mb']:.2f}", d["path"])
+    out_console.print(t)
+    if not found:
+        out_console.print("no models are bundled with this install of flm")
+
+
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     @app.command()
     def detect(
         paths: List[Path] = typer.Argument(..., help="Images, folders of images/videos, or video files."),
-        model: Optional[Path] = typer.Option(None, "--model", "-m",
-                                             help="Exported flm ONNX file (default: the model flm ships)."),
+        model: Optional[str] = typer.Option(None, "--model", "-m",
+                                            help="A model flm ships, by name (see flm models --shipped), or an "
+                                                 "exported flm ONNX file (default: the default shipped model)."),
         detector: str = typer.Option("haar", "--detector", help="haar | yunet:PATH | none (whole image is the face)."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write annotated images / videos here."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write every face's box, score, landmarks, pose."),
@@ -235,6 +259,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         """Find faces and their landmarks; write annotated images/videos (--out) and JSON (--json)."""
         from flm.fileio import atomic_path, log_written
         from flm.runtime.landmarker import FaceLandmarker, FaceLandmarkerOptions
+        from flm.runtime.shipped import resolve_model
         from flm.ui import out as out_console
 
         if (max_faces < 1 or (refine is not None and refine < 0) or threads < 0
@@ -242,10 +267,11 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             raise UsageError(f"--max-faces must be >= 1, --refine and --threads >= 0, --min-face >= 1; got "
                              f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
         inputs = collect_inputs(paths)
+        model_path = resolve_model(model, example="--model {}")  # a shipped name, a file, or None: the default
         options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face,
                                         refine=refine, threads=threads, color="RGB",  # frames are converted
                                         tracking=tracking)
-        landmarker = FaceLandmarker.create(model, options)
+        landmarker = FaceLandmarker.create(model_path, options)
         log.info("%r", landmarker)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -27,23 +27,23 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from flm.errors import FlmError, ModelFileError, UsageError
 from flm.geometry import crop_matrix, invert_affine, landmark_box, soft_argmax, to_model_input, transform_points, warp
 from flm.images import load_image, to_rgb_uint8
 from flm.runtime.detectors import FaceDetector, WholeImageDetector, box_iou, make_detector
+from flm.runtime.modelfile import open_session, read_spec
 from flm.runtime.pose import HeadPose, head_pose
+from flm.runtime.shipped import ASSETS, DEFAULT_NAME, resolve_model
 from flm.runtime.smoothing import FaceTracker
 from flm.runtime.tracking import LandmarkTrack, LandmarkTracker, track_quality
-from flm.spec import SPEC_METADATA_KEY, CropRule, ModelSpec
+from flm.spec import CropRule, ModelSpec
 
 log = logging.getLogger("flm")
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "flm-68.onnx"
+DEFAULT_MODEL = ASSETS / f"{DEFAULT_NAME}.onnx"  # the file create() opens when given no model
 INPUT_NAME = "input"
 MIN_IMAGE_SIDE = 8
 # min_face_size=None: the smallest face is this fraction of the image's shorter side, at least
@@ -263,50 +263,6 @@ class FaceLandmarkerResult:
 # --------------------------------------------------------------------------- model loading
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return so
-
-
-def _providers(options: FaceLandmarkerOptions) -> list[str]:
-    wanted = list(options.providers or ["CPUExecutionProvider"])
-    available = ort.get_available_providers()
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        raise UsageError(f"onnxruntime provider(s) {missing} are not available here; available: {available}",
-                         example="FaceLandmarkerOptions(providers=('CPUExecutionProvider',))")
-    return wanted
-
-
-def open_session(path, options: FaceLandmarkerOptions) -> ort.InferenceSession:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(path, "model file not found",
-                             example="runs/export/model.onnx, as written by flm export runs/train/best.pt --out runs/export")
-    if path.stat().st_size == 0:
-        raise ModelFileError(path, "model file is empty (0 bytes)")
-    try:
-        return ort.InferenceSession(str(path), _session_options(options.threads), providers=_providers(options))
-    except FlmError:
-        raise
-    except Exception as e:  # onnxruntime raises several types for foreign / truncated files
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelFileError(path, f"onnxruntime cannot load it as an ONNX model ({first})") from None
-
-
-def read_spec(session, source: str) -> ModelSpec:
-    """The `ModelSpec` stored in an ONNX file's metadata, or a typed error naming `source`."""
-    meta = session.get_modelmeta().custom_metadata_map or {}
-    if SPEC_METADATA_KEY not in meta:
-        raise ModelFileError(source, f"holds no flm spec (ONNX metadata key {SPEC_METADATA_KEY!r}); the runtime "
-                                     "only runs models exported by `flm export`, which records the crop, "
-                                     "colour order and normalisation the model needs")
-    return ModelSpec.from_json(meta[SPEC_METADATA_KEY], source=source)
-
-
 def _check_io(session, spec: ModelSpec, source: str) -> tuple[str, bool]:
     """Validate inputs/outputs against the spec; returns (output name, batch dimension is dynamic)."""
     inputs = session.get_inputs()
@@ -388,25 +344,24 @@ class FaceLandmarker:
 
     @classmethod
     def create(cls, model=None, options: FaceLandmarkerOptions | None = None) -> "FaceLandmarker":
-        """From a path to an exported flm ONNX file, a ready `onnxruntime.InferenceSession`, or
-        None for the model flm ships (`flm/assets/flm-68.onnx`)."""
+        """From the name of a model flm ships (`flm models --shipped`; e.g. "flm-68"), a path to
+        an exported flm ONNX file, a ready `onnxruntime.InferenceSession`, or None for the
+        default shipped model (`flm.runtime.shipped.DEFAULT_NAME`). A string naming an existing
+        file is that file; one without a path separator or `.onnx` suffix that is not a file
+        is a name, and an unknown name raises a `UsageError` listing the shipped ones."""
         options = options or FaceLandmarkerOptions()
         if isinstance(model, FaceLandmarkerOptions):  # MediaPipe style: create(options)
             model, options = None, model
         options.validate()
-        if model is None:
-            if not DEFAULT_MODEL.is_file():
-                raise ModelFileError(DEFAULT_MODEL, "the default model is not bundled with this install of flm; "
-                                                    "pass model='path/to/model.onnx' (an `flm export` output)")
-            model = DEFAULT_MODEL
-        if isinstance(model, (str, os.PathLike)):
-            session = open_session(model, options)
-            source = str(model)
+        if model is None or isinstance(model, (str, os.PathLike)):
+            path = resolve_model(model)
+            session = open_session(path, options.threads, options.providers)
+            source = str(path)
         elif all(hasattr(model, a) for a in ("run", "get_inputs", "get_outputs", "get_modelmeta")):
             session, source = model, "<onnxruntime session>"
         else:
-            raise UsageError(f"model must be a path, an onnxruntime.InferenceSession or None, got {type(model).__name__}",
-                             example="FaceLandmarker.create('flm-68.onnx')")
+            raise UsageError(f"model must be a shipped model's name, a path, an onnxruntime.InferenceSession or "
+                             f"None, got {type(model).__name__}", example=f"FaceLandmarker.create({DEFAULT_NAME!r})")
         try:
             return cls(session, read_spec(session, source), options, source)
         except UnicodeDecodeError as e:  # onnxruntime decodes metadata and names as UTF-8
