@@ -510,3 +510,94 @@ print('LOADED', loaded)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "LOADED []" in p.stdout
+
+
+# --------------------------------------------------------------------------- the lean per-face path
+
+
+@pytest.mark.parametrize("shape, channels, flip", [((48, 40, 3), 3, False), ((48, 40, 3), 3, True),
+                                                   ((48, 40, 3), 1, False), ((48, 40), 3, False),
+                                                   ((48, 40, 1), 3, False), ((48, 40), 1, False)])
+def test_model_input_into_is_to_model_input_bit_for_bit(shape, channels, flip):
+    from flm.geometry import to_model_input
+    from flm.runtime.landmarker import model_input_into
+
+    rng = np.random.default_rng(len(shape) * 10 + channels + flip)
+    crop = rng.integers(0, 256, shape, dtype=np.uint8)
+    crop.flat[:4] = [0, 1, 254, 255]  # the extremes too
+    if flip:
+        crop = crop[:, :, ::-1]  # a BGR model's view of an RGB crop: negative strides
+    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.5,), (0.25,))
+    out = np.full((channels, *shape[:2]), np.nan, np.float32)
+    model_input_into(crop, out, np.asarray(mean, np.float32).reshape(-1, 1, 1),
+                     np.asarray(std, np.float32).reshape(-1, 1, 1))
+    want = to_model_input(crop, channels, mean, std)
+    assert out.dtype == want.dtype and out.shape == want.shape
+    assert np.array_equal(out, want)
+
+
+def test_heatmap_confidence_leaves_its_input_alone():
+    from flm.runtime.landmarker import heatmap_confidence
+
+    logits = np.random.default_rng(0).normal(0, 4, (2, 5, 6, 6)).astype(np.float32)
+    before = logits.copy()
+    conf = heatmap_confidence(logits)
+    assert np.array_equal(logits, before) and conf.dtype == np.float64 and conf.shape == (2, 5)
+    z = logits.reshape(2, 5, -1).astype(np.float64)
+    assert np.array_equal(conf, 1.0 / np.exp(z - z.max(axis=2, keepdims=True)).sum(axis=2))
+    flat = heatmap_confidence(np.zeros((1, 1, 4, 4)))
+    assert flat[0, 0] == pytest.approx(1 / 16)
+
+
+class RecordingHaar(HaarDetector):
+    """OpenCV's Haar detector that keeps each image it was given."""
+
+    def __init__(self):
+        super().__init__(min_size=20)
+        self.seen: list[np.ndarray] = []
+
+    def _raw(self, rgb):
+        self.seen.append(rgb.copy())
+        return super()._raw(rgb)
+
+
+@pytest.mark.parametrize("model", ["face", "heatmap"])
+def test_a_bgr_array_is_cropped_as_given_with_the_same_results_as_rgb(models, model):
+    """A BGR uint8 image is not converted as a whole for the model's crops (only for a detector,
+    which gets RGB): the landmarks, confidence and pose are those of the same image given as RGB,
+    and of the general conversion path (a non-contiguous view, a BGRA image)."""
+    bgr, pts = faces_image(1, n=2)
+    boxes = np.stack([landmark_box(p) for p in pts])
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    bgra = cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)
+    wide = np.zeros((bgr.shape[0], bgr.shape[1] * 2, 3), np.uint8)
+    wide[:, ::2] = bgr
+    views = {"bgr": (bgr, "BGR"), "rgb": (rgb, "RGB"), "bgra": (bgra, "BGR"), "strided": (wide[:, ::2], "BGR")}
+    results = {}
+    for name, (img, color) in views.items():
+        det = RecordingHaar()
+        lm = FaceLandmarker.create(models[model], FaceLandmarkerOptions(color=color, detector=det, refine=1))
+        results[name] = (lm.detect(img, boxes=boxes), lm.detect(img))
+        assert len(det.seen) == 1 and np.array_equal(det.seen[0], rgb), name  # the detector always sees RGB
+    ref_boxes, ref_det = results["rgb"]
+    assert len(ref_boxes.faces) == 2 and len(ref_det.faces) >= 1
+    for name, (by_box, by_det) in results.items():
+        for got, want in ((by_box, ref_boxes), (by_det, ref_det)):
+            assert len(got.faces) == len(want.faces), name
+            for a, b in zip(got.faces, want.faces):
+                assert np.array_equal(a.landmarks, b.landmarks) and np.array_equal(a.box, b.box), name
+                assert (a.confidence is None) == (b.confidence is None), name
+                assert a.confidence is None or np.array_equal(a.confidence, b.confidence), name
+                assert (a.pose is None and b.pose is None) or tuple(a.pose) == tuple(b.pose), name
+    if model == "heatmap":  # the heatmaps' per-point confidence came through the same path
+        assert results["bgr"][0].faces[0].confidence is not None
+
+
+def test_landmarks_for_boxes_still_takes_an_rgb_array(models):
+    bgr, pts = faces_image(2)
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    lm = FaceLandmarker.create(models["heatmap"], FaceLandmarkerOptions(detector="none", pose=False))
+    box = landmark_box(pts[0])
+    p, conf = lm.landmarks_for_boxes(rgb, box[None])
+    r = lm.detect(rgb[:, :, ::-1].copy(), boxes=[box])  # color="BGR" by default
+    assert np.array_equal(p[0], r.faces[0].landmarks) and np.array_equal(conf[0], r.faces[0].confidence)
