@@ -13,10 +13,16 @@ Peers (../shared/peers, read in place, never copied): PFLD [N,3,112,112]; Peppa 
 a fixed batch of 1, so its "batch 8" is 8 consecutive batch-1 runs (marked); the YuNet face
 detector (through cv2.FaceDetectorYN, as the runtime uses it) and OpenCV's Haar cascade are
 timed per image on a 640x480 frame in a second table, with flm's full pipeline
-(`FaceLandmarker.detect`: crop, two passes, head pose; detector "none") for scale.
+(`FaceLandmarker.detect`: crop, two passes, head pose; detector "none") for scale, and
+`FaceLandmarker.detect(photo, boxes=[box])` on the astronaut portrait (an app's box: crop, one
+pass, head pose) beside the model-only run of the same session, interleaved in the same loop:
+their ratio is the runtime's cost per face on top of the model (issue 14's target: <= 1.3x at
+1 thread).
 
-Without --model it uses flm/assets/flm-68.onnx when present, otherwise it exports the default
-preset with random weights (speed does not depend on the weights; needs `flm[export]`).
+Without --model it times every model flm ships (`flm models --shipped`; the default one is the
+reference), otherwise it exports the default preset with random weights (speed does not depend
+on the weights; needs `flm[export]`). `benchmarks/speed_accuracy.py` reuses this module's timing
+for its chart.
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ from flm.fileio import atomic_path  # noqa: E402
 from flm.ui import console, out  # noqa: E402
 
 PEERS = ROOT.parent / "shared" / "peers"
-DEFAULT_MODEL = ROOT / "flm" / "assets" / "flm-68.onnx"
 BATCHES = (1, 8)
 THREADS = (1, 2)
+FROM_BOX = "flm FaceLandmarker.detect(photo, boxes), 1 face from an app's box (crop + 1 pass + pose)"
+MODEL_ONLY = "flm model only (session.run on a ready input, same session)"
 NOTE = ("model-only inference: session.run on a ready input tensor (no decoding, cropping, "
         "normalisation or detection); median ms per face; onnxruntime CPUExecutionProvider, "
         "idle-thread spinning off")
@@ -100,10 +107,11 @@ def repaired(path: Path) -> tuple[bytes | None, str]:
 class Model:
     """One ONNX landmark model: its sessions per thread count and how to feed a batch."""
 
-    def __init__(self, name: str, path: Path, is_flm: bool, model_bytes: bytes | None = None):
+    def __init__(self, name: str, path: Path, is_flm: bool, model_bytes: bytes | None = None,
+                 threads: tuple[int, ...] = THREADS, batches: tuple[int, ...] = BATCHES):
         self.name, self.path, self.is_flm = name, Path(path), is_flm
         self.mb = self.path.stat().st_size / 1e6
-        self.sessions = {t: _session(model_bytes or path, t) for t in THREADS}
+        self.sessions = {t: _session(model_bytes or path, t) for t in threads}
         inp = self.sessions[1].get_inputs()[0]
         self.input_name = inp.name
         self.chw = [int(v) for v in inp.shape[1:]]
@@ -112,7 +120,7 @@ class Model:
         if is_flm:  # only the landmarks: an app does not fetch the heatmaps (they are computed anyway)
             self.outputs = ["landmarks"] if "landmarks" in self.outputs else self.outputs
         rng = np.random.default_rng(0)
-        self.inputs = {b: rng.normal(0, 1, (b, *self.chw)).astype(np.float32) for b in BATCHES}
+        self.inputs = {b: rng.normal(0, 1, (b, *self.chw)).astype(np.float32) for b in sorted({1, *batches})}
 
     def runs_batch(self, batch: int) -> bool:
         return self.fixed_batch in (None, batch)
@@ -134,20 +142,25 @@ class Model:
 
 def max_output_diff(a: "Model", b: "Model") -> float:
     """Largest |difference| between two models' outputs on the same input (the repair changes nothing)."""
-    x = a.inputs[1]
-    ya = a.sessions[1].run(a.outputs, {a.input_name: x})
-    yb = b.sessions[1].run(b.outputs, {b.input_name: x})
+    x, t = a.inputs[1], min(a.sessions)
+    ya = a.sessions[t].run(a.outputs, {a.input_name: x})
+    yb = b.sessions[t].run(b.outputs, {b.input_name: x})
     return float(max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)).max() for u, v in zip(ya, yb)))
 
 
-def _flm_default_model(tmp: Path) -> Path:
-    if DEFAULT_MODEL.is_file():
-        return DEFAULT_MODEL
-    console.print(f"[yellow]{DEFAULT_MODEL} not found: exporting the default preset with random weights")
+def flm_shipped_models(tmp: Path) -> list[Path]:
+    """Every model flm ships, the default first; without any, the default preset exported with
+    random weights."""
+    from flm.runtime.shipped import DEFAULT_NAME, shipped_paths
+
+    shipped = shipped_paths()
+    if shipped:
+        return sorted(shipped.values(), key=lambda p: p.stem != DEFAULT_NAME)
+    console.print("[yellow]no shipped models found in flm/assets: exporting the default preset with random weights")
     from flm.exporters.onnx import export_onnx
     from flm.pipeline.models import DEFAULT_PRESET, build_model
 
-    return export_onnx(build_model(DEFAULT_PRESET), tmp / f"{DEFAULT_PRESET}.onnx")
+    return [export_onnx(build_model(DEFAULT_PRESET), tmp / f"{DEFAULT_PRESET}.onnx")]
 
 
 def measure_models(models: list[Model], rounds: int, per_round: int) -> dict:
@@ -162,6 +175,23 @@ def measure_models(models: list[Model], rounds: int, per_round: int) -> dict:
             for _ in range(per_round):
                 times.setdefault((m.name, t, b), []).append(m.time_once(t, b) / b)
     return times
+
+
+def face_photo(flm_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(BGR image, (1, 4) face box): the public-domain astronaut portrait (`flm sample-photos`;
+    needs scikit-image) with the box flm's Haar detector finds, else a noise frame and a fixed box."""
+    from flm.errors import UsageError
+    from flm.runtime import FaceLandmarker, FaceLandmarkerOptions
+    from flm.runtime.samples import astronaut_rgb
+
+    try:
+        bgr = cv2.cvtColor(astronaut_rgb(), cv2.COLOR_RGB2BGR)
+    except UsageError:
+        console.print("[yellow]scikit-image not installed: timing detect-from-a-box on a noise frame")
+        frame = np.clip(np.random.default_rng(0).normal(120, 30, (480, 640, 3)), 0, 255).astype(np.uint8)
+        return frame, np.array([[64.0, 56.0, 192.0, 200.0]])
+    faces = FaceLandmarker.create(str(flm_path)).detect(bgr).faces
+    return bgr, faces[0].detection_box[None]
 
 
 def measure_detectors(rounds: int, per_round: int, flm_path: Path) -> list[dict]:
@@ -183,10 +213,17 @@ def measure_detectors(rounds: int, per_round: int, flm_path: Path) -> list[dict]
     landmarkers = {t: FaceLandmarker.create(_session(flm_path, t), FaceLandmarkerOptions(detector="none", threads=t))
                    for t in THREADS}
     face = np.ascontiguousarray(frame[:256, :256])
+    photo, box = face_photo(flm_path)
+    spec = landmarkers[1].spec
+    x = np.random.default_rng(1).normal(0, 1, (1, spec.channels, spec.input_size, spec.input_size)).astype(np.float32)
+    flm_jobs = {FROM_BOX: lambda lm: lm.detect(photo, boxes=box),
+                MODEL_ONLY: lambda lm: lm.session.run(["landmarks"], {"input": x}),
+                "flm FaceLandmarker.detect, 1 face (crop + 2 passes + pose)": lambda lm: lm.detect(face)}
     times: dict[tuple, list[float]] = {}
     for t in THREADS:
         for _ in range(3):
-            landmarkers[t].detect(face)
+            for job in flm_jobs.values():
+                job(landmarkers[t])
     for _ in range(rounds):
         for t in THREADS:
             cv2.setNumThreads(t)
@@ -196,14 +233,20 @@ def measure_detectors(rounds: int, per_round: int, flm_path: Path) -> list[dict]
                     job()
                     times.setdefault((name, t), []).append(time.perf_counter() - s)
             for _ in range(per_round):
-                s = time.perf_counter()
-                landmarkers[t].detect(face)
-                times.setdefault(("flm FaceLandmarker.detect, 1 face (crop + 2 passes + pose)", t), []).append(
-                    time.perf_counter() - s)
+                for name, job in flm_jobs.items():
+                    s = time.perf_counter()
+                    job(landmarkers[t])
+                    times.setdefault((name, t), []).append(time.perf_counter() - s)
     for (name, t), v in times.items():
         rows.append({"name": name, "threads": t, "ms_per_image": 1000 * statistics.median(v),
                      "ms_per_image_min": 1000 * min(v), "runs": len(v)})
     return rows
+
+
+def from_box_ratios(detectors: list[dict]) -> dict[int, float]:
+    """threads -> FaceLandmarker.detect from an app's box / model-only, both from the same loop."""
+    by = {(r["name"], r["threads"]): r["ms_per_image"] for r in detectors}
+    return {t: by[(FROM_BOX, t)] / by[(MODEL_ONLY, t)] for t in THREADS if (FROM_BOX, t) in by}
 
 
 def markdown(models, by_key, ref, notes, detectors) -> str:
@@ -231,7 +274,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        flm_paths = args.model or [_flm_default_model(Path(tmp))]
+        flm_paths = args.model or flm_shipped_models(Path(tmp))
         models = [Model(f"flm {p.stem}", p, True) for p in flm_paths]
         peers = {"PFLD (cunjian)": "pfld-68-cunjian.onnx", "Peppa slim160": "peppa-slim160-68.onnx"}
         missing, repairs = [], {}
@@ -296,6 +339,10 @@ def main(argv=None) -> int:
     for r in sorted(detectors, key=lambda r: (r["name"], r["threads"])):
         d.add_row(r["name"], str(r["threads"]), f"{r['ms_per_image']:.2f}")
     out.print(d)
+    ratios = from_box_ratios(detectors)
+    out.print("FaceLandmarker.detect from an app's box / model-only (same session, same loop): "
+              + ", ".join(f"{r:.2f}x at {t} thread{'s' if t > 1 else ''}" for t, r in ratios.items())
+              + " (target <= 1.3x at 1 thread)")
     if missing:
         out.print(f"peers not found in {PEERS}: {', '.join(missing)}")
 
@@ -305,7 +352,8 @@ def main(argv=None) -> int:
     doc = {"note": NOTE, "reference": ref, "machine": {"platform": platform.platform(), "cpu": platform.processor(),
                                                         "cpus": __import__("os").cpu_count()},
            "onnxruntime": ort.__version__, "opencv": cv2.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "models": rows, "detectors": detectors, "missing_peers": missing, "repairs": repairs}
+           "models": rows, "detectors": detectors, "from_box_ratio": {str(t): r for t, r in ratios.items()},
+           "missing_peers": missing, "repairs": repairs}
     with atomic_path(args.json) as tmp:
         tmp.write_text(json.dumps(doc, indent=1))
     out.print(f"wrote {args.json}")
