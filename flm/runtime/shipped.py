@@ -50,8 +50,8 @@ def shipped_paths(assets: Path | None = None) -> dict[str, Path]:
     folder = Path(assets or ASSETS)
     if not folder.is_dir():
         return {}
-    files = (p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
-    return {p.name[: -len(SUFFIX)]: p.resolve() for p in sorted(files)}
+    named = {p.name[: -len(SUFFIX)]: p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file()}
+    return {name: named[name].resolve() for name in sorted(named)}
 
 
 def shipped_models(assets: Path | None = None) -> list[ShippedModel]:
