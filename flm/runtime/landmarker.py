@@ -85,16 +85,17 @@ class FaceLandmarkerOptions:
         source's default — 0 for app boxes (`detect(image, boxes=...)`), 1 for YuNet, 2 for Haar
         (and 1 for "none", not measured). Each is the refine with the lowest mean NME over three
         validation sets (a tie goes to fewer passes), from `python benchmarks/defaults.py` with
-        flm-68 (results: benchmarks/results/defaults.json); mean NME %, refine 0 / 1 / 2:
+        the shipped flm-68 (results: benchmarks/results/defaults.json); mean NME %, refine 0 / 1 / 2:
                    youtube held-out    300w held-out       aflw2000-3d-val     mean
-          app box  3.93 / 4.10 / 4.18  5.90 / 6.00 / 6.07  6.51 / 6.89 / 7.24  5.45 / 5.67 / 5.83
-          Haar     5.38 / 4.75 / 4.51  7.07 / 6.62 / 6.40  6.20 / 5.75 / 5.63  6.22 / 5.71 / 5.52
-          YuNet    4.28 / 4.23 / 4.26  6.03 / 6.01 / 6.00  7.28 / 7.28 / 7.48  5.86 / 5.84 / 5.91
+          app box  5.72 / 5.82 / 5.85  3.88 / 3.87 / 3.88  5.04 / 5.14 / 5.20  4.88 / 4.94 / 4.98
+          Haar     6.45 / 6.03 / 5.91  4.91 / 4.40 / 4.25  5.10 / 4.72 / 4.73  5.48 / 5.05 / 4.96
+          YuNet    5.89 / 5.88 / 5.89  3.96 / 3.89 / 3.90  5.58 / 5.58 / 5.60  5.14 / 5.12 / 5.13
         (567 / 301 / 198 faces; youtube and 300w inter-ocular, aflw2000 over the landmark box
         sqrt(w*h); app box = the tight box of the true landmarks; faces a detector missed, Haar
         25 / 29 / 74 and YuNet 0 / 0 / 1, are left out of its row). A pass helps a rough box
         and costs a little on a good one (the model's crop of its own landmark box is not the
-        exact box); for YuNet one pass beats none by only 0.02 %.
+        exact box); for YuNet one pass beats none by only 0.02 %. The previous flm-68 (s8, youtube
+        data only) chose the same defaults (app box 5.45 / 5.67 / 5.83 %).
     threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     providers: onnxruntime execution providers (default: CPU).
     color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
