@@ -80,6 +80,7 @@ def test_only_one_checkpoint_set_is_written(full_run):
     assert all(h["data_wait_s"] >= 0 for h in history)
 
 
+@pytest.mark.slow  # over ~20 s here; `just test -m "not slow"` skips it
 def test_resume_under_torchrun_matches_the_uninterrupted_run(full_run, tmp_path):
     out = tmp_path / "run"
     # the first epoch through `flm train --nproc 2` (which runs torchrun itself) ...

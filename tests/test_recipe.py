@@ -41,6 +41,7 @@ def test_a_bad_recipe_is_refused_before_any_stage_runs(tmp_path, text, words):
     assert words in str(e.value)
 
 
+@pytest.mark.slow  # over ~20 s here; `just test -m "not slow"` skips it
 def test_the_smoke_recipe_runs_end_to_end_then_skips_what_is_done_and_resumes_the_rest(tmp_path):
     recipe = REPO / "recipes" / "smoke.toml"
     r = flm("train", "--recipe", recipe, cwd=tmp_path, timeout=600)

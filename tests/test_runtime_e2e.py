@@ -86,6 +86,7 @@ def _write_video(path: Path, n: int = 8) -> np.ndarray:
     return np.stack(all_pts)
 
 
+@pytest.mark.slow  # over ~20 s here; `just test -m "not slow"` skips it
 def test_flm_detect_finds_face_and_landmarks_without_torch(exported, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()

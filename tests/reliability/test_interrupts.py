@@ -120,6 +120,7 @@ def test_negative_control_a_resume_from_another_step_does_not_match(signalled, t
 # --------------------------------------------------------------------------- SIGKILL
 
 
+@pytest.mark.slow  # over ~20 s here; `just test -m "not slow"` skips it
 def test_sigkill_in_the_middle_of_writes_never_leaves_a_torn_checkpoint(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(HERE / "kill_driver.py"), str(out), "7", "7"], capture_output=True,
