@@ -215,7 +215,7 @@ def _refuse_over_budget(model: str, img_size, width, budget: str) -> None:
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A best.pt / last.pt."),
     data: list[str] = typer.Option(..., "--data", "-d", help="FORMAT:PATH, repeatable: one table row each."),
-    norm: str = typer.Option("auto", help="auto (bbox for sets with yaw angles, like AFLW2000-3D, else "
+    norm: str = typer.Option("auto", help="auto (the set's own protocol: bbox for AFLW2000-3D, else "
                              "inter-ocular) | inter-ocular | inter-pupil | bbox"),
     threshold: float = typer.Option(0.08, help="Failure threshold (NME fraction) and CED/AUC limit; "
                                     "10 %% is always reported beside it."),
@@ -233,7 +233,7 @@ def evaluate(
     """NME mean/median, failure rate and CED AUC (at --threshold and 10 %) per dataset, crops from the landmark box."""
     from flm.pipeline.checkpoint import load_model
     from flm.pipeline.data import Source, drop_undecodable, open_dataset
-    from flm.pipeline.evaluate import default_norm, evaluate as run_eval, head_of
+    from flm.pipeline.evaluate import evaluate as run_eval, head_of
     from flm.pipeline.reports import write_report
 
     if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
@@ -251,7 +251,7 @@ def evaluate(
         if split != "all":
             ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
         name = Source.parse(spec).convention if convention == "auto" else convention
-        set_norm = default_norm(ds) if norm == "auto" else norm
+        set_norm = ds.norm if norm == "auto" else norm
         result = run_eval(model, ds, norm=set_norm, threshold=threshold, head=head_of(conventions, name))
         result["convention"] = name if head_of(conventions, name) is not None else (conventions or ("",))[0]
         results.append(result)

@@ -90,11 +90,6 @@ def yaw_bin_masks(ds: LandmarkDataset) -> dict[str, np.ndarray] | None:
     return yaw_bins(np.asarray(yaws, np.float64))
 
 
-def default_norm(ds: LandmarkDataset) -> str:
-    """bbox for sets with yaw angles (the AFLW2000-3D convention), else inter-ocular."""
-    return "bbox" if yaw_bin_masks(ds) is not None else "inter-ocular"
-
-
 def to_image_coords(crop_points: np.ndarray, ds: LandmarkDataset, spec: ModelSpec, point_index=None):
     """Map crop-space points back to each sample's image pixels."""
     out = np.empty_like(crop_points, dtype=np.float64)

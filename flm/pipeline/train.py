@@ -39,7 +39,7 @@ from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.checkpoint import read_checkpoint, save_checkpoint
 from flm.pipeline.data import LandmarkDataset, Source, open_sources
-from flm.pipeline.evaluate import (CropDataset, default_norm, head_of, mean_shape_baseline, point_subset,
+from flm.pipeline.evaluate import (CropDataset, head_of, mean_shape_baseline, point_subset,
                                    predict_crops, yaw_bin_masks)
 from flm.pipeline.reports import write_training_reports
 from flm.pipeline.models import LandmarkModel, build_model, count_parameters, get_preset
@@ -396,14 +396,14 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
     net = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    if rank == 0:
-        log.info("training %s (%s parameters) on %s; validating on %s (best.pt by %s), %s%s",
-                 cfg.model, f"{count_parameters(model):,}", spec.training_data,
-                 ", ".join(f"{v.name} ({len(v.ds)} faces, {v.norm})" for v in vals),
-                 "the mean over them" if cfg.select == "mean" else cfg.select, device,
-                 f" x {world} processes" if world > 1 else "")
     t0, global_step, stopped = time.perf_counter(), epoch * steps_per_epoch + start_step, None
     with _StopFlag() as stop:
+        if rank == 0:  # logged once a signal is caught, so a signal after this line always saves
+            log.info("training %s (%s parameters) on %s; validating on %s (best.pt by %s), %s%s",
+                     cfg.model, f"{count_parameters(model):,}", spec.training_data,
+                     ", ".join(f"{v.name} ({len(v.ds)} faces, {v.norm})" for v in vals),
+                     "the mean over them" if cfg.select == "mean" else cfg.select, device,
+                     f" x {world} processes" if world > 1 else "")
         while epoch < min(cfg.epochs, cfg.stop_epoch or cfg.epochs) and stopped is None:
             model.train()
             sampler.epoch, sampler.start = epoch, start_step * cfg.batch_size
@@ -492,10 +492,10 @@ def validation_sets(cfg: TrainConfig, sources, scheme: str):
                                      "--val FORMAT:PATH")
                 tr, va = ds.split_by_identity(cfg.val_fraction, cfg.seed)
                 kept.append((src, tr))
-                vals.append(ValSet(src.convention, va, default_norm(va), head_of(conventions, src.convention)))
+                vals.append(ValSet(src.convention, va, va.norm, head_of(conventions, src.convention)))
         else:
             src, ds = open_sources([text], scheme, cfg.skip_bad)[0]
-            vals.append(ValSet(src.convention, ds, default_norm(ds), head_of(conventions, src.convention)))
+            vals.append(ValSet(src.convention, ds, ds.norm, head_of(conventions, src.convention)))
     names = [v.name for v in vals]
     for k, v in enumerate(vals):  # two sets of one name: number them
         if names.count(v.name) > 1:

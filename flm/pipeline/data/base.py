@@ -39,6 +39,7 @@ class LandmarkDataset:
     scheme: str  # "ibug68", "wflw98", ...
     samples: list[Sample]
     skipped: list[str] = field(default_factory=list)  # reasons, when read with skip_bad
+    norm: str = "inter-ocular"  # the NME normaliser of the set's own protocol (AFLW2000-3D: "bbox")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -51,19 +52,19 @@ class LandmarkDataset:
         return bool(self.samples) and all(s.identity for s in self.samples)
 
     def subset(self, idx, suffix: str) -> "LandmarkDataset":
-        return LandmarkDataset(f"{self.name}[{suffix}]", self.scheme, [self.samples[i] for i in idx])
+        return LandmarkDataset(f"{self.name}[{suffix}]", self.scheme, [self.samples[i] for i in idx], norm=self.norm)
 
     def mapped(self, scheme: str) -> "LandmarkDataset":
         """The same faces with their points in `scheme` (e.g. WFLW's 98 -> the 68 iBUG points)."""
         try:
             idx = scheme_index(self.scheme, scheme)
         except SpecError as e:
-            raise UsageError(f"{self.name} ({self.scheme}, {self.num_points} points): {e}", example="flm train --data wflw:FILE.txt  (98 points -> "
-                                                          "68 through the standard map)") from None
+            raise UsageError(f"{self.name} ({self.scheme}, {self.num_points} points): {e}",
+                             example="flm train --data wflw:FILE.txt  (98 points -> 68 through the standard map)") from None
         if idx is None:
             return self
         samples = [replace(s, points=s.points[list(idx)]) for s in self.samples]
-        return LandmarkDataset(self.name, scheme, samples, self.skipped)
+        return LandmarkDataset(self.name, scheme, samples, self.skipped, self.norm)
 
     def split_by_identity(self, val_fraction: float = 0.15, seed: int = 0):
         """(train, val) with whole identities held out, chosen by a salted hash of the name.

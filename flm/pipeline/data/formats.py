@@ -487,7 +487,9 @@ def read_aflw2000(path: str, skip_bad: bool = False) -> LandmarkDataset:
             image = _image_beside(mat_path.with_suffix(""), mat_path)
             col.samples.append(_sample(image, pts3[:2].T, 68, mat_path, None,
                                        meta={"yaw": float(yaw), "pitch": float(pitch), "roll": float(roll)}))
-    return col.dataset(f"aflw2000:{path}", "ibug68")
+    ds = col.dataset(f"aflw2000:{path}", "ibug68")
+    ds.norm = "bbox"  # the AFLW2000-3D protocol: NME over the landmark box sqrt(w*h), by |yaw| bin
+    return ds
 
 
 def wrap_degrees(angle):
