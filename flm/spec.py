@@ -18,6 +18,13 @@ from flm.errors import SpecError
 SPEC_METADATA_KEY = "flm.spec"
 SPEC_FORMAT = "flm-spec/1"
 
+# The names of an exported file's input and outputs, declared once: the exporters write them,
+# their checks and the runtime read them (`flm.exporters` describes the shapes).
+INPUT = "input"  # float32 [N, C, S, S], normalised as `flm.geometry.to_model_input` does
+LANDMARKS = "landmarks"  # [N, K, 2] model-input pixels
+HEATMAPS = "heatmaps"  # [N, K, h, w] logits (heatmap models)
+CONFIDENCE = "confidence"  # [N, K] per point: used by the runtime when a file has it (flm writes none)
+
 # Landmark schemes flm knows, with the indices apps and metrics rely on.
 SCHEMES: dict[str, dict] = {
     "ibug68": {"points": 68, "outer_eyes": (36, 45), "pupils": None},

@@ -515,12 +515,26 @@ print('LOADED', loaded)
 # --------------------------------------------------------------------------- the lean per-face path
 
 
+def _model_input_formula(crop, channels, mean, std):
+    """The crop -> model input arithmetic written out on (H, W, C) pixels, as flm first defined it."""
+    x = crop.astype(np.float32) / 255.0
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if channels == 1 and x.shape[2] == 3:
+        x = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY).astype(np.float32)[:, :, None] / 255.0
+    elif channels == 3 and x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
 @pytest.mark.parametrize("shape, channels, flip", [((48, 40, 3), 3, False), ((48, 40, 3), 3, True),
                                                    ((48, 40, 3), 1, False), ((48, 40), 3, False),
                                                    ((48, 40, 1), 3, False), ((48, 40), 1, False)])
-def test_model_input_into_is_to_model_input_bit_for_bit(shape, channels, flip):
+def test_to_model_input_into_a_batch_row_is_the_formula_bit_for_bit(shape, channels, flip):
+    """The runtime writes each crop straight into its batch (`out=`); evaluation and parity let
+    `to_model_input` allocate. Both give the plain float32 formula's values, bit for bit."""
     from flm.geometry import to_model_input
-    from flm.runtime.landmarker import model_input_into
 
     rng = np.random.default_rng(len(shape) * 10 + channels + flip)
     crop = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -528,12 +542,16 @@ def test_model_input_into_is_to_model_input_bit_for_bit(shape, channels, flip):
     if flip:
         crop = crop[:, :, ::-1]  # a BGR model's view of an RGB crop: negative strides
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.5,), (0.25,))
-    out = np.full((channels, *shape[:2]), np.nan, np.float32)
-    model_input_into(crop, out, np.asarray(mean, np.float32).reshape(-1, 1, 1),
-                     np.asarray(std, np.float32).reshape(-1, 1, 1))
-    want = to_model_input(crop, channels, mean, std)
-    assert out.dtype == want.dtype and out.shape == want.shape
-    assert np.array_equal(out, want)
+    want = _model_input_formula(crop, channels, mean, std)
+    batch = np.full((2, channels, *shape[:2]), np.nan, np.float32)
+    got = to_model_input(crop, channels, np.asarray(mean, np.float32).reshape(-1, 1, 1),
+                         np.asarray(std, np.float32).reshape(-1, 1, 1), out=batch[1])
+    assert np.shares_memory(got, batch[1])
+    assert np.isnan(batch[0]).all()
+    fresh = to_model_input(crop, channels, mean, std)
+    for x in (batch[1], fresh):
+        assert x.dtype == want.dtype and x.shape == want.shape and x.flags.c_contiguous
+        assert np.array_equal(x, want)
 
 
 def test_heatmap_confidence_leaves_its_input_alone():

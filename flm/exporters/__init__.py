@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Callable
 
 from flm.errors import FlmError, UsageError
-from flm.spec import SPEC_METADATA_KEY
+from flm.spec import HEATMAPS, INPUT, LANDMARKS, SPEC_METADATA_KEY
 
 # --------------------------------------------------------------------------- names and axes
-# Declared once; the exporters write them and the checks read them back (STYLE habit 3).
+# The I/O names are declared once, in `flm.spec` (the runtime reads them too), and re-exported
+# here; the exporters write them and the checks read them back (STYLE habit 3).
 
-INPUT = "input"
-LANDMARKS = "landmarks"
-HEATMAPS = "heatmaps"
 BATCH_AXIS = "batch"  # the name of the dynamic axis 0 of the input and of every output
 MAX_BATCH = 16  # Core ML batch range is 1..MAX_BATCH (ONNX is unbounded)
 EXAMPLE_BATCH = 2  # torch.export needs an example batch >= 2 to keep the batch axis dynamic

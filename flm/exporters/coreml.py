@@ -31,10 +31,11 @@ import numpy as np
 
 from flm.coreml_io import import_coremltools, quiet_coremltools
 from flm.errors import UsageError
-from flm.exporters import (INPUT, MAX_BATCH, TARGETS, describe, input_description, metadata,
+from flm.exporters import (MAX_BATCH, TARGETS, describe, input_description, metadata,
                            output_descriptions, output_names)
 from flm.exporters.mil_eval import MilProgram
 from flm.exporters.mlpackage import BATCH_RANGE_KEY, declared_batch_range, read_package
+from flm.spec import INPUT
 
 log = logging.getLogger("flm")
 INPUT_KINDS = ("image", "tensor")

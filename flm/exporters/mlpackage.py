@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flm.coreml_io import import_coremltools
 from flm.errors import ModelFileError
-from flm.exporters import INPUT
+from flm.spec import INPUT
 
 MODEL_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
 BATCH_RANGE_KEY = "flm.coreml.batch_range"  # user metadata: JSON [lowest, highest] batch the input takes

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from flm.errors import ModelFileError, SpecError, UsageError
-from flm.exporters import (BATCH_AXIS, DEFAULT_OPSET, HEATMAPS, INPUT, TARGETS, describe, metadata,
-                           output_names)
-from flm.spec import SPEC_METADATA_KEY, ModelSpec
+from flm.exporters import BATCH_AXIS, DEFAULT_OPSET, TARGETS, describe, metadata, output_names
+from flm.spec import HEATMAPS, INPUT, SPEC_METADATA_KEY, ModelSpec
 
 log = logging.getLogger("flm")
 MIN_OPSET = 18

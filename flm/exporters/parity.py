@@ -18,9 +18,8 @@ import cv2
 import numpy as np
 
 from flm.errors import ParityError
-from flm.exporters import HEATMAPS, LANDMARKS
 from flm.geometry import soft_argmax, to_model_input
-from flm.spec import ModelSpec
+from flm.spec import HEATMAPS, LANDMARKS, ModelSpec
 
 log = logging.getLogger("flm")
 

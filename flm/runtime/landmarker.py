@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 
 from flm.errors import FlmError, ModelFileError, UsageError
-from flm.geometry import crop_matrix, invert_affine, landmark_box, soft_argmax, transform_points, warp
+from flm.geometry import (crop_matrix, invert_affine, landmark_box, soft_argmax, to_model_input, transform_points,
+                          warp)
 from flm.images import load_image, to_rgb_uint8
 from flm.runtime.detectors import FaceDetector, WholeImageDetector, box_iou, make_detector
 from flm.runtime.modelfile import open_session, read_spec
@@ -42,12 +43,11 @@ from flm.runtime.pose import HeadPose, head_pose
 from flm.runtime.shipped import ASSETS, DEFAULT_NAME, resolve_model
 from flm.runtime.smoothing import FaceTracker
 from flm.runtime.tracking import LandmarkTrack, LandmarkTracker, track_quality
-from flm.spec import CropRule, ModelSpec
+from flm.spec import CONFIDENCE, HEATMAPS, INPUT, LANDMARKS, CropRule, ModelSpec
 
 log = logging.getLogger("flm")
 
 DEFAULT_MODEL = ASSETS / f"{DEFAULT_NAME}.onnx"  # the file create() opens when given no model
-INPUT_NAME = "input"
 MIN_IMAGE_SIDE = 8
 # min_face_size=None: the smallest face is this fraction of the image's shorter side, at least
 # MIN_FACE_FLOOR pixels (see FaceLandmarkerOptions.min_face_size for why these numbers)
@@ -273,21 +273,21 @@ class FaceLandmarkerResult:
 def _check_io(session, spec: ModelSpec, source: str) -> tuple[str, bool]:
     """Validate inputs/outputs against the spec; returns (output name, batch dimension is dynamic)."""
     inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-        raise ModelFileError(source, f"expected one input named {INPUT_NAME!r}, found "
+    if len(inputs) != 1 or inputs[0].name != INPUT:
+        raise ModelFileError(source, f"expected one input named {INPUT!r}, found "
                                      f"{[(i.name, i.shape) for i in inputs]}")
     shape = list(inputs[0].shape)
     want = [None, spec.channels, spec.input_size, spec.input_size]
     if len(shape) != 4 or any(isinstance(s, int) and w is not None and s != w for s, w in zip(shape, want)):
-        raise ModelFileError(source, f"input {INPUT_NAME!r} has shape {shape}; its spec says "
+        raise ModelFileError(source, f"input {INPUT!r} has shape {shape}; its spec says "
                                      f"[N, {spec.channels}, {spec.input_size}, {spec.input_size}]")
     names = [o.name for o in session.get_outputs()]
-    if "landmarks" in names:
-        out = "landmarks"
-    elif "heatmaps" in names and spec.output == "heatmap":
-        out = "heatmaps"
+    if LANDMARKS in names:
+        out = LANDMARKS
+    elif HEATMAPS in names and spec.output == "heatmap":
+        out = HEATMAPS
     else:
-        raise ModelFileError(source, f"expected an output named 'landmarks' (or 'heatmaps' for a heatmap model "
+        raise ModelFileError(source, f"expected an output named {LANDMARKS!r} (or {HEATMAPS!r} for a heatmap model "
                                      f"exported without decoding), found {names}")
     oshape = next(o.shape for o in session.get_outputs() if o.name == out)
     if len(oshape) > 1 and isinstance(oshape[1], int) and oshape[1] != spec.num_points:
@@ -309,27 +309,6 @@ def heatmap_confidence(logits: np.ndarray) -> np.ndarray:
     z -= z.max(axis=2, keepdims=True)
     np.exp(z, out=z)
     return 1.0 / z.sum(axis=2)
-
-
-def model_input_into(crop: np.ndarray, out: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """`flm.geometry.to_model_input(crop, C, mean, std)` written into `out` ((C, H, W) float32).
-
-    The same float32 operations in the same order (uint8 -> float32, / 255, - mean, / std), so
-    the same values bit for bit (tests/test_runtime.py checks it for colour, BGR and gray
-    models), but on channel-first planes, where numpy's loops run along whole rows instead of
-    3-wide pixels, and in place: 0.09 instead of 0.49 ms for a 192 px crop on one core.
-    `mean`, `std`: float32 arrays shaped (C, 1, 1)."""
-    if crop.ndim == 2:
-        crop = crop[:, :, None]
-    if out.shape[0] == 1 and crop.shape[2] == 3:
-        planes = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY)[None]
-    else:
-        planes = crop.transpose(2, 0, 1)  # one channel is broadcast to three, as np.repeat does
-    np.copyto(out, planes, casting="unsafe")
-    out /= np.float32(255.0)
-    out -= mean
-    out /= std
-    return out
 
 
 class _Image:
@@ -383,14 +362,14 @@ class FaceLandmarker:
         self.session, self.spec, self.options, self.source = session, spec, options, source
         self.output_name, self._dynamic_batch = _check_io(session, spec, source)
         names = [o.name for o in session.get_outputs()]
-        self._has_confidence = "confidence" in names
+        self._has_confidence = CONFIDENCE in names
         # a decoded heatmap model also returns its heatmaps: per-point confidence comes from them
-        self._extra_heatmaps = (self.output_name == "landmarks" and "heatmaps" in names
+        self._extra_heatmaps = (self.output_name == LANDMARKS and HEATMAPS in names
                                 and spec.output == "heatmap" and not self._has_confidence)
         # tracking needs a per-point confidence to notice a lost face (`track_quality`)
-        self._can_track = self._has_confidence or self._extra_heatmaps or self.output_name == "heatmaps"
+        self._can_track = self._has_confidence or self._extra_heatmaps or self.output_name == HEATMAPS
         self.crop_rule = options.crop or spec.crop
-        self._mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)  # for model_input_into
+        self._mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)  # converted once, for to_model_input
         self._std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
         # with min_face_size None the detector scans down to the floor; `detect` applies the image's own minimum
         self.detector = make_detector(options.detector, options.min_face_size or MIN_FACE_FLOOR,
@@ -474,17 +453,17 @@ class FaceLandmarker:
                 None if conf[0] is None else np.concatenate(conf))
 
     def _run_batch(self, batch):
-        names = [self.output_name] + (["confidence"] if self._has_confidence else
-                                      ["heatmaps"] if self._extra_heatmaps else [])
-        outs = self.session.run(names, {INPUT_NAME: batch})
+        names = [self.output_name] + ([CONFIDENCE] if self._has_confidence else
+                                      [HEATMAPS] if self._extra_heatmaps else [])
+        outs = self.session.run(names, {INPUT: batch})
         conf = np.asarray(outs[1], np.float64) if self._has_confidence else None
         raw, k = np.asarray(outs[0], np.float64), self.spec.num_points
         # a graph with dynamic output dimensions is only checked against its spec here, on its answer
-        if (raw.shape[:2] != (len(batch), k) or raw.ndim != 4) if self.output_name == "heatmaps" else \
+        if (raw.shape[:2] != (len(batch), k) or raw.ndim != 4) if self.output_name == HEATMAPS else \
                 raw.size != len(batch) * k * 2:
             raise ModelFileError(self.source, f"output {self.output_name!r} has shape {list(raw.shape)} for "
                                               f"{len(batch)} face(s); its spec says {k} points")
-        if self.output_name == "heatmaps":
+        if self.output_name == HEATMAPS:
             pts = soft_argmax(raw, self.spec.input_size).astype(np.float64)
             return pts, conf if conf is not None else heatmap_confidence(raw)
         pts = raw.reshape(len(batch), k, 2)
@@ -500,7 +479,7 @@ class FaceLandmarker:
         mats = [crop_matrix(b, self.crop_rule, s) for b in boxes]
         batch = np.empty((len(mats), spec.channels, s, s), np.float32)  # the crops go straight in
         for m, x in zip(mats, batch):
-            model_input_into(image.crop(m, s, bgr=spec.color_order == "BGR"), x, self._mean, self._std)
+            to_model_input(image.crop(m, s, bgr=spec.color_order == "BGR"), spec.channels, self._mean, self._std, out=x)
         pts_in, conf = self._run(batch)
         pts = np.stack([transform_points(p, invert_affine(m)) for p, m in zip(pts_in, mats)])
         return pts, conf
