@@ -349,15 +349,20 @@ def main(argv=None) -> int:
     if args.markdown:
         out.print(markdown(models, by_key, ref, notes, detectors))
 
-    doc = {"note": NOTE, "reference": ref, "machine": {"platform": platform.platform(), "cpu": platform.processor(),
-                                                        "cpus": __import__("os").cpu_count()},
-           "onnxruntime": ort.__version__, "opencv": cv2.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "models": rows, "detectors": detectors, "from_box_ratio": {str(t): r for t, r in ratios.items()},
-           "missing_peers": missing, "repairs": repairs}
-    with atomic_path(args.json) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
-    out.print(f"wrote {args.json}")
+    write_results(args.json, {"note": NOTE, "reference": ref, "opencv": cv2.__version__, "models": rows,
+                              "detectors": detectors, "from_box_ratio": {str(t): r for t, r in ratios.items()},
+                              "missing_peers": missing, "repairs": repairs})
     return 0
+
+
+def write_results(path, doc: dict) -> None:
+    """Write a benchmark's JSON atomically, with the machine, onnxruntime version and time it ran."""
+    doc = {**doc, "machine": {"platform": platform.platform(), "cpu": platform.processor(),
+                              "cpus": __import__("os").cpu_count()},
+           "onnxruntime": ort.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
+    out.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import PEERS, Model, flm_shipped_models, max_output_diff, repaired  # noqa: E402
+from speed import PEERS, Model, flm_shipped_models, max_output_diff, repaired, write_results  # noqa: E402
 
 from flm.fileio import atomic_path  # noqa: E402
 from flm.ui import console, out  # noqa: E402
@@ -306,16 +306,11 @@ def main(argv=None) -> int:
         out.print(markdown(rows, ref))
 
     plot(rows, args.png)
-    doc = {"note": "ms per face: model-only session.run (onnxruntime CPU, 1 thread, batch 1), peers' denormal "
-                   "weights flushed; dlib: its predictor from a box. NME: gt-box variant of the accuracy JSON "
-                   "(aflw2000-3d-val: yaw-balanced box NME).",
-           "accuracy_json": str(args.accuracy), "faces": faces_from, "reference": ref,
-           "machine": {"platform": platform.platform(), "cpu": platform.processor()},
-           "onnxruntime": ort.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "rows": rows, "notes": notes}
-    with atomic_path(args.json) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
-    out.print(f"wrote {args.json}")
+    write_results(args.json, {
+        "note": "ms per face: model-only session.run (onnxruntime CPU, 1 thread, batch 1), peers' denormal "
+                "weights flushed; dlib: its predictor from a box. NME: gt-box variant of the accuracy JSON "
+                "(aflw2000-3d-val: yaw-balanced box NME).",
+        "accuracy_json": str(args.accuracy), "faces": faces_from, "reference": ref, "rows": rows, "notes": notes})
     return 0
 
 

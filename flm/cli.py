@@ -106,7 +106,8 @@ def train(
     from flm.pipeline.train import TrainConfig, check_options
 
     get_preset(model)
-    check_options(lr, aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw)
+    flip_for = dict(_name_probability(item) for item in aug_flip_for or [])
+    check_options(lr, aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw, flip_for)
     for name, path in (("--resume", resume), ("--init", init)):
         if path is not None and not path.is_file():  # before any data is read
             raise UsageError(f"{name} {path}: file not found",
@@ -114,7 +115,6 @@ def train(
     if not ignore_budget:
         _refuse_over_budget(model, img_size, width, budget)
     augment = AugmentConfig.from_options(aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw)
-    flip_for = dict(_name_probability(item) for item in aug_flip_for or [])
     cfg = TrainConfig(model=model, data=list(data or [f"synthetic:{synthetic_n}"]), val=list(val or ["split"]),
                       select=select, heads=heads, val_fraction=val_fraction,
                       epochs=epochs or (30 if data else 4), batch_size=batch_size, lr=lr, img_size=img_size,
@@ -125,13 +125,13 @@ def train(
 
 
 def _name_probability(item: str) -> tuple[str, float]:
-    """`--aug-flip-for NAME=P` -> (NAME, P)."""
+    """`--aug-flip-for NAME=P` -> (NAME, P); the range of P is `check_options`'s."""
     name, _, p = item.partition("=")
     try:
         value = float(p)
     except ValueError:
-        value = -1.0
-    if not name or not 0 <= value <= 1:
+        value = None
+    if not name or value is None:
         raise UsageError(f"--aug-flip-for {item!r}: expected NAME=P with P between 0 and 1",
                          example="flm train --aug-flip 0 --aug-flip-for 300w-train=0.5")
     return name, value

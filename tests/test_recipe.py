@@ -63,3 +63,10 @@ def test_the_smoke_recipe_runs_end_to_end_then_skips_what_is_done_and_resumes_th
     resumed = flm("train", "--recipe", recipe, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr and (base / "s2" / "done.json").is_file()
+
+
+def test_a_recipe_flip_probability_out_of_range_is_refused_like_the_option(tmp_path):
+    path = tmp_path / "flips.toml"
+    path.write_text('out = "r"\n[[stage]]\nname = "a"\nflip_for = { "300w-train" = 1.5 }\n')
+    with pytest.raises(UsageError, match="300w-train=1.5: expected NAME=P with P between 0 and 1"):
+        load_recipe(path)

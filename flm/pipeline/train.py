@@ -77,8 +77,12 @@ class TrainConfig:
 
 
 def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: float, aug_pose: float,
-                  aug_pose_yaw: float) -> None:
+                  aug_pose_yaw: float, flip_for: dict | None = None) -> None:
     """UsageError for an option out of its range (`flm train` and recipes alike)."""
+    for name, p in (flip_for or {}).items():
+        if not (isinstance(p, (int, float)) and 0 <= p <= 1):
+            raise UsageError(f"--aug-flip-for {name}={p}: expected NAME=P with P between 0 and 1",
+                             example="flm train --aug-flip 0 --aug-flip-for 300w-train=0.5")
     if not (math.isfinite(lr) and lr > 0):
         raise UsageError(f"--lr must be a positive number, got {lr}", example="flm train --lr 2e-3")
     for name, value in (("--aug-strength", aug_strength), ("--aug-crop", aug_crop)):
@@ -148,6 +152,9 @@ class EpochSampler(Sampler):
         self.rank, self.world = rank, world
         self.weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
         self.epoch, self.start = 0, 0
+        fractions = self.weights % 1.0
+        self.total = int(np.floor(self.weights).sum()) + sum(  # the length of `_draws`, whatever the rng
+            int(round(w * np.isclose(fractions, w).sum())) for w in np.unique(fractions) if w > 0)
 
     def _draws(self, rng) -> np.ndarray:
         """Every item floor(w) times, plus a random share of the fractional parts (per weight value)."""
@@ -157,9 +164,6 @@ class EpochSampler(Sampler):
             if len(members):
                 out.append(rng.choice(members, int(round(w * len(members))), replace=False))
         return np.concatenate(out).astype(int)
-
-    def _total(self) -> int:
-        return len(self._draws(np.random.default_rng(0)))
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -171,7 +175,7 @@ class EpochSampler(Sampler):
         return iter([(int(i), self.epoch) for i in order[self.start:]])
 
     def __len__(self):
-        return -(-self._total() // self.world) - self.start
+        return -(-self.total // self.world) - self.start
 
 
 def landmark_loss(model: LandmarkModel, raw: torch.Tensor, target: torch.Tensor, cfg: TrainConfig):
@@ -243,12 +247,12 @@ def _head_prefix(conventions, name: str) -> str:
 def _init_state(ck: dict, model: LandmarkModel) -> dict:
     """The checkpoint's weights with output heads matched to this model's conventions by name; a
     convention the checkpoint lacks starts from its first head."""
-    src_conv = tuple(json.loads(ck["spec"]).get("conventions") or ())
-    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(("out.", "heads."))}
     if not hasattr(model, "heads"):
         return ck["state_dict"]
-    for i, name in enumerate(model.spec.conventions or ("",)):
-        src, dst = _head_prefix(src_conv, name), "out." if i == 0 else f"heads.{i - 1}."
+    src_conv = tuple(json.loads(ck["spec"]).get("conventions") or ())
+    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(("out.", "heads."))}
+    for name in model.spec.conventions or ("",):
+        src, dst = _head_prefix(src_conv, name), _head_prefix(model.spec.conventions, name)
         sd.update({dst + k[len(src):]: v for k, v in ck["state_dict"].items() if k.startswith(src)})
     return sd
 
