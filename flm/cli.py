@@ -252,8 +252,9 @@ def evaluate(
             ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
         name = Source.parse(spec).convention if convention == "auto" else convention
         set_norm = ds.norm if norm == "auto" else norm
-        result = run_eval(model, ds, norm=set_norm, threshold=threshold, head=head_of(conventions, name))
-        result["convention"] = name if head_of(conventions, name) is not None else (conventions or ("",))[0]
+        head = head_of(conventions, name)
+        result = run_eval(model, ds, norm=set_norm, threshold=threshold, head=head)
+        result["convention"] = (conventions or ("",))[head or 0]
         results.append(result)
     write_report(results[0] if len(results) == 1 else results, json_out, None)
     if ced:
