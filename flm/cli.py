@@ -63,6 +63,8 @@ def train(
     lr: float = typer.Option(2e-3),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (multiple of 32); default per preset."),
     width: Optional[float] = typer.Option(None, help="Width multiplier, for presets that have one."),
+    head: Optional[str] = typer.Option(None, "--head", help="Heatmap head channels C1,C2 (shufflenet-heatmap; "
+                                       "default 192,128)."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o"),
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
     seed: int = typer.Option(0),
@@ -118,10 +120,20 @@ def train(
     cfg = TrainConfig(model=model, data=list(data or [f"synthetic:{synthetic_n}"]), val=list(val or ["split"]),
                       select=select, heads=heads, val_fraction=val_fraction,
                       epochs=epochs or (30 if data else 4), batch_size=batch_size, lr=lr, img_size=img_size,
-                      width=width, out=str(out), device=device, seed=seed, workers=workers,
+                      width=width, head=_channels(head), out=str(out), device=device, seed=seed, workers=workers,
                       max_steps=max_steps, resume=str(resume) if resume else None,
                       init=str(init) if init else None, augment=augment, flip_for=flip_for, skip_bad=skip_bad)
     _train_progress(cfg)
+
+
+def _channels(value: str | None) -> list[int] | None:
+    """`--head C1,C2` -> [C1, C2]."""
+    if value is None:
+        return None
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--head {value!r}: expected two positive channel counts C1,C2", example="flm train --head 128,96")
+    return [int(p) for p in parts]
 
 
 def _name_probability(item: str) -> tuple[str, float]:

@@ -57,6 +57,13 @@ def scheme_index(source: str, target: str) -> tuple[int, ...] | None:
     return SCHEME_MAPS[(source, target)]
 
 
+def build_options(options: dict) -> tuple[tuple[str, object], ...]:
+    """`options` as ModelSpec stores them: sorted (name, value) pairs, lists made tuples."""
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be an object, got {type(options).__name__}")
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
 @dataclass(frozen=True)
 class CropRule:
     """How a face crop is cut from an image, relative to a face box.
@@ -93,6 +100,9 @@ class ModelSpec:
     # Annotation conventions the model learnt, one output head each (the first is what the model's
     # `landmarks` output follows); empty = one convention, that of its training data.
     conventions: tuple[str, ...] = ()
+    # The preset's build options (e.g. width, head), sorted (name, value) pairs, so that a file
+    # rebuilds the same architecture: `build_model(spec.preset, spec=spec)`.
+    options: tuple[tuple[str, object], ...] = ()
     licence: str = "Model weights: see the model card. Training data licences apply."
     format: str = SPEC_FORMAT
 
@@ -115,6 +125,7 @@ class ModelSpec:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["conventions"] = list(self.conventions)
+        d["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
         return d
 
     def to_json(self) -> str:
@@ -137,6 +148,7 @@ class ModelSpec:
             kw["mean"], kw["std"] = tuple(float(v) for v in kw["mean"]), tuple(float(v) for v in kw["std"])
             kw["crop"] = CropRule(**kw.get("crop", {}))
             kw["conventions"] = tuple(str(c) for c in kw.get("conventions", ()))
+            kw["options"] = build_options(kw.get("options", {}))
             return cls(**kw)
         except (TypeError, ValueError) as e:
             raise SpecError(f"{source}: invalid spec: {e}") from None
@@ -151,6 +163,11 @@ class ModelSpec:
 
     def with_(self, **changes) -> "ModelSpec":
         return replace(self, **changes)
+
+    @property
+    def build(self) -> dict:
+        """The build options as keyword arguments."""
+        return dict(self.options)
 
     @property
     def outer_eyes(self) -> tuple[int, int]:

@@ -18,7 +18,6 @@ from flm.pipeline.models import build_model
 def randomised_model(preset: str, seed: int = 0, **build):
     torch.manual_seed(seed)
     model = build_model(preset, **build)
-    model.build_options = dict(build.get("options") or {})  # so the checkpoint rebuilds the same model
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

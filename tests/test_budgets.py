@@ -96,7 +96,6 @@ def test_preset_fits_says_what_would_fit():
 def small_model():
     torch.manual_seed(0)
     model = build_model("shufflenet-heatmap", 64, {"width": 0.5})
-    model.build_options = {"width": 0.5}
     return model
 
 

@@ -23,7 +23,7 @@ def save_checkpoint(path, model: LandmarkModel, **extra) -> Path:
     """Write {format, spec, options, state_dict, **extra} atomically. `extra` must be plain data/tensors."""
     started = time.perf_counter()
     payload = {"format": CHECKPOINT_FORMAT, "spec": model.spec.to_json(),
-               "options": dict(getattr(model, "build_options", {})),
+               "options": model.spec.build,  # also in the spec; kept for flm versions that read it here
                "state_dict": model.state_dict(), **extra}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         # through a Python file, so a full disk is an OSError (ENOSPC) that atomic_path reports
@@ -61,7 +61,6 @@ def load_model(path) -> LandmarkModel:
         model = build_model(spec.preset, spec=spec, options=ckpt.get("options") or {})
     except UsageError as e:  # a preset or option this flm does not know: the file's problem, not the command's
         raise ModelFileError(path, f"its spec cannot be built here: {e}") from None
-    model.build_options = dict(ckpt.get("options") or {})
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:  # torch's first line only names the class; the next says what differs

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models.shufflenetv2 import ShuffleNetV2
 
 from flm.errors import UsageError
-from flm.spec import CropRule, ModelSpec
+from flm.spec import CropRule, ModelSpec, build_options
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,8 +177,8 @@ def _spec(preset, points, scheme, size, channels, output, heatmap_stride=None) -
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("shufflenet-heatmap", "ShuffleNetV2 x1.0 trunk (no conv5), 2-deconv head, soft-argmax (default)",
-           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0)),
-           _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width",)),
+           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0), head=tuple(o.get("head", (192, 128)))),
+           _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width", "head")),
     Preset("resnet-regressor", "grayscale ResNet-18 layout at 1/2 width, coordinate head (fits 15 MB)",
            lambda s, o: ResNetRegressor(s, widths=tuple(int(w * o.get("width", 0.5)) for w in (64, 128, 256, 512))),
            _spec("resnet-regressor", 68, "ibug68", 128, 1, "coords"), ("width",)),
@@ -205,9 +205,11 @@ def get_preset(name: str) -> Preset:
 
 def build_model(name: str, img_size: int | None = None, options: dict | None = None,
                 spec: ModelSpec | None = None) -> LandmarkModel:
-    """Build preset `name`; `spec` (from a checkpoint) wins over `img_size`."""
+    """Build preset `name`; `spec` (from a checkpoint) wins over `img_size`, and its build options
+    over `options` (those of files written before the spec held them). The model's spec records
+    the options it was built with."""
     preset = get_preset(name)
-    options = dict(options or {})
+    options = {**(options or {}), **(spec.build if spec is not None else {})}
     unknown = set(options) - set(preset.options)
     if unknown:
         raise UsageError(f"preset {name!r} has no option(s) {sorted(unknown)}; it accepts {list(preset.options)}")
@@ -219,7 +221,7 @@ def build_model(name: str, img_size: int | None = None, options: dict | None = N
                                  example="flm train --img-size 128")
             stride = spec.input_size // spec.heatmap_size if spec.heatmap_size else None
             spec = spec.with_(input_size=img_size, heatmap_size=img_size // stride if stride else None)
-    return preset.build(spec, options)
+    return preset.build(spec.with_(options=build_options(options)), options)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -237,10 +239,8 @@ def single_convention(model: LandmarkModel, name: str | None = None) -> Landmark
         raise UsageError(f"--convention {name!r}: this model learnt {', '.join(names) or 'one convention'}",
                          example=f"flm export best.pt --convention {names[0] if names else ''}")
     name = name or names[0]
-    options = dict(getattr(model, "build_options", {}) or {})
-    one = build_model(model.spec.preset, options=options, spec=model.spec.with_(conventions=(name,)))
+    one = build_model(model.spec.preset, spec=model.spec.with_(conventions=(name,)))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(("out.", "heads."))}
     state.update({f"out.{k}": v for k, v in model.convention_head(name).state_dict().items()})
     one.load_state_dict(state)
-    one.build_options = options
     return one.train(model.training)

@@ -61,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     img_size: int | None = None
     width: float | None = None
+    head: list[int] | None = None  # heatmap head channels (two deconvolutions), for presets that have one
     out: str = "runs/train"
     device: str = "auto"
     seed: int = 0
@@ -74,6 +75,10 @@ class TrainConfig:
     resume: str | None = None
     init: str | None = None  # start from these weights (fine-tuning, e.g. at a larger --img-size)
     skip_bad: bool = False
+
+    def preset_options(self) -> dict:
+        """The preset options this config sets (the others keep the preset's defaults)."""
+        return {k: v for k, v in (("width", self.width), ("head", self.head)) if v is not None}
 
 
 def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: float, aug_pose: float,
@@ -335,12 +340,10 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         sweep_temporaries(out)
-    options = {"width": cfg.width} if cfg.width is not None else {}
-    model = build_model(cfg.model, cfg.img_size, options)
+    model = build_model(cfg.model, cfg.img_size, cfg.preset_options())
     conventions = conventions_of(cfg, sources)
     if conventions:
-        model = build_model(cfg.model, options=options, spec=model.spec.with_(conventions=conventions))
-    model.build_options = options
+        model = build_model(cfg.model, spec=model.spec.with_(conventions=conventions))
     if cfg.init and not cfg.resume:
         _load_init_weights(model, cfg.init)
     spec = model.spec.with_(training_data=_describe_sources(sources, cfg.init))

@@ -38,7 +38,6 @@ class _Payload:
 def small():
     torch.manual_seed(0)
     model = build_model("shufflenet-heatmap", img_size=64, options={"width": 0.5})
-    model.build_options = {"width": 0.5}  # what a checkpoint records to rebuild it (train.py sets it too)
     return model
 
 
