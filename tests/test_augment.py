@@ -9,7 +9,8 @@ import pytest
 from flm.geometry import flip_permutation
 from flm.pipeline.augment import AugmentConfig, make_crop
 from flm.pipeline.models import PRESETS
-from tests.test_geometry import dot_image
+
+from tests.helpers.data import dot_image
 
 SPEC = PRESETS["shufflenet-heatmap"].spec.with_(input_size=160, heatmap_size=20)
 

@@ -22,8 +22,10 @@ from flm.budgets.measure import measure, measure_checkpoint, measure_coreml, mea
 from flm.cli import main
 from flm.errors import BudgetExceeded, FlmError, ModelFileError, UsageError
 from flm.fileio import size_of
-from flm.pipeline.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from flm.pipeline.checkpoint import save_checkpoint
 from flm.pipeline.models import build_model
+
+from tests.helpers.checkpoints import payload
 
 
 def verdict(m, budget=DEFAULT_BUDGET) -> dict[str, bool]:
@@ -97,13 +99,6 @@ def small_model():
     torch.manual_seed(0)
     model = build_model("shufflenet-heatmap", 64, {"width": 0.5})
     return model
-
-
-def payload(model, **changes) -> dict:
-    d = {"format": CHECKPOINT_FORMAT, "spec": model.spec.to_json(), "options": {"width": 0.5},
-         "state_dict": model.state_dict()}
-    d.update(changes)
-    return {k: v for k, v in d.items() if v is not None}
 
 
 def test_checkpoint_passes_and_training_state_is_not_a_model(tmp_path, small_model):

@@ -19,6 +19,8 @@ from rich.table import Table
 from flm.cli import main
 from flm.ui import FlmConsole
 
+from tests.helpers.data import face_points, write_aflw
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -148,8 +150,6 @@ def test_info_counts_every_bad_file_instead_of_stopping_at_the_first(tmp_path, c
 
 def test_info_prints_aflw2000_yaw_wrapped_to_plus_minus_180(tmp_path, capsys):
     pytest.importorskip("scipy", reason="AFLW2000-3D .mat files need scipy (flm[train])")
-    from tests.test_data_formats import face_points, write_aflw
-
     write_aflw(tmp_path, "image00002", face_points(0), [0, -351.2, 0])  # as stored in some real files
     write_aflw(tmp_path, "image00004", face_points(1), [0, 187.8, 0])
     code, out, err = run(capsys, "data", "info", f"aflw2000:{tmp_path}")

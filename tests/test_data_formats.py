@@ -18,29 +18,7 @@ from flm.images import load_image
 from flm.pipeline.data import open_dataset
 from flm.pipeline.data.formats import parse_pts, read_ibug_pts, read_udacity, wflw_images_dir, wrap_degrees
 
-W, H = 120, 100  # fixture image size
-
-
-def face_points(seed=0, n=68, w=W, h=H):
-    rng = np.random.default_rng(seed)
-    return np.column_stack([rng.uniform(5, w - 5, n), rng.uniform(5, h - 5, n)]).round(2)
-
-
-def write_image(path: Path, w=W, h=H, seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    if path.suffix.lower() in (".pgm", ".pbm"):  # grey-only types
-        img = img[..., 0]
-    elif path.suffix.lower() in (".pfm", ".hdr"):  # float types
-        img = img.astype(np.float32) / 255
-    ok, data = cv2.imencode(path.suffix.lower(), img)
-    assert ok
-    data.tofile(str(path))
-    return path
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+from tests.helpers.data import H, W, face_points, make_wflw, png_chunk, wflw_line, write_aflw, write_image, write_pts
 
 
 def png_bomb(path: Path, side=20000):
@@ -400,13 +378,6 @@ def test_ibug_xml_malformed_and_doctype_are_refused(tmp_path):
 # --------------------------------------------------------------------------- iBUG .pts
 
 
-def write_pts(path: Path, pts, n_points=None, header="version: 1"):
-    body = "\n".join(f"{x} {y}" for x, y in pts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{header}\nn_points: {n_points or len(pts)}\n{{\n{body}\n}}\n")
-    return path
-
-
 def test_ibug_pts_tree_converts_one_based_points(tmp_path):
     truth = {"helen/trainset/1.jpg": face_points(0), "ibug/image 003.png": face_points(1),
              "afw/x.y.jpg": face_points(2)}
@@ -526,18 +497,6 @@ def test_ibug_pts_nan_point_and_missing_image(tmp_path):
 # --------------------------------------------------------------------------- WFLW
 
 
-def wflw_line(pts, box, flags, name):
-    nums = [*np.asarray(pts).reshape(-1), *box, *flags]
-    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in nums) + " " + name
-
-
-def make_wflw(tmp_path, lines):
-    ann = tmp_path / "WFLW" / "WFLW_annotations" / "list_98pt_rect_attr_train_test" / "list_98pt_test.txt"
-    ann.parent.mkdir(parents=True)
-    ann.write_text("\n".join(lines) + "\n")
-    return ann
-
-
 def test_wflw_reads_98_points_box_attributes_and_finds_images(tmp_path):
     img_root = tmp_path / "WFLW" / "WFLW_images"
     write_image(img_root / "51--Dresses" / "51_Dresses_1.jpg")
@@ -593,14 +552,6 @@ def test_wflw_malformed_names_file_and_line(tmp_path, case, words):
 
 
 # --------------------------------------------------------------------------- AFLW2000-3D
-
-
-def write_aflw(tmp_path, stem, pts, pose_deg, seed=0):
-    import scipy.io
-    write_image(tmp_path / f"{stem}.jpg", seed=seed)
-    pt3d = np.vstack([pts.T, np.zeros((1, 68))])
-    pose = np.r_[np.radians(pose_deg), [0, 0, 0, 1.0]][None]
-    scipy.io.savemat(str(tmp_path / f"{stem}.mat"), {"pt3d_68": pt3d, "Pose_Para": pose, "pt2d": np.zeros((2, 21))})
 
 
 def test_aflw2000_reads_points_and_yaw_in_degrees(tmp_path):

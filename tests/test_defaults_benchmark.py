@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,7 @@ import pytest
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions
 from flm.runtime.detectors import BoxAdjust, HaarDetector, YuNetDetector
 
-sys.path.insert(0, str(Path(__file__).parent))  # works whether or not tests/ is a package
-from runtime_helpers import dot_finder_onnx  # noqa: E402
+from tests.helpers.runtime import dot_finder_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 

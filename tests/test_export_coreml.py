@@ -18,15 +18,15 @@ from flm.pipeline.checkpoint import load_model
 from flm.pipeline.models import PRESETS
 from flm.spec import SPEC_METADATA_KEY, ModelSpec
 
-from tests.export_helpers import random_checkpoint, randomised_model
+from tests.helpers.checkpoints import randomised_model
 
 COREML = TARGETS["coreml"]
 REFERENCE = "reference MIL evaluator"
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_every_preset_exports_and_matches_pytorch(tmp_path, preset):
-    ckpt = random_checkpoint(tmp_path / "best.pt", preset)
+def test_every_preset_exports_and_matches_pytorch(tmp_path, preset, random_checkpoints):
+    ckpt = random_checkpoints(preset)
     model = load_model(ckpt)
     final = tmp_path / "export" / "model.mlpackage"
     report = export_target(model, COREML, final, make_inputs(model.spec, 2), {"decode": True}, str(ckpt))

@@ -19,23 +19,21 @@ from flm.pipeline.checkpoint import load_model
 from flm.pipeline.models import PRESETS
 from flm.spec import SPEC_METADATA_KEY, ModelSpec
 
-from tests.export_helpers import random_checkpoint
-
 ONNX = TARGETS["onnx"]
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """preset -> (checkpoint, exported model.onnx, report), each exported once per module."""
+def exports(tmp_path_factory, random_checkpoints):
+    """preset -> (the session's random checkpoint, exported model.onnx, report), each exported
+    once per module, into a folder of its own."""
     cache = {}
 
     def get(preset):
         if preset not in cache:
-            root = tmp_path_factory.mktemp(preset)
-            ckpt = random_checkpoint(root / "best.pt", preset)
+            ckpt = random_checkpoints(preset)
             model = load_model(ckpt)
             inputs = make_inputs(model.spec, 2)
-            final = root / "export" / "model.onnx"
+            final = tmp_path_factory.mktemp(preset) / "export" / "model.onnx"
             report = export_target(model, ONNX, final, inputs, {"decode": True, "opset": 18}, str(ckpt))
             cache[preset] = (ckpt, final, report)
         return cache[preset]
@@ -107,8 +105,8 @@ def test_runs_in_a_fresh_interpreter_without_torch(exports, tmp_path):
     assert res.stdout.startswith("ok shufflenet-heatmap")
 
 
-def test_opset_below_18_is_refused_before_any_work(tmp_path, capsys):
-    ckpt = random_checkpoint(tmp_path / "best.pt", "simple-cnn")
+def test_opset_below_18_is_refused_before_any_work(tmp_path, capsys, random_checkpoints):
+    ckpt = random_checkpoints("simple-cnn")
     assert main(["export", str(ckpt), "--target", "onnx", "--opset", "17", "--out", str(tmp_path / "x")]) == 2
     assert "--opset 17" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -8,13 +8,7 @@ from flm.geometry import (crop_matrix, flip_permutation, gaussian_heatmaps, inve
                           nme, nme_summary, normaliser, soft_argmax, transform_points, warp)
 from flm.spec import SCHEMES, CropRule, ModelSpec
 
-
-def dot_image(points, size=(240, 200)):
-    """An image with one uniquely coloured 3x3 dot per point; colour encodes the index."""
-    img = np.zeros((size[1], size[0], 3), np.uint8)
-    for i, (x, y) in enumerate(np.round(points).astype(int)):
-        img[y - 1:y + 2, x - 1:x + 2] = (40 + 3 * i, 255 - 3 * i, 128)
-    return img
+from tests.helpers.data import dot_image
 
 
 def test_crop_maps_points_onto_their_pixels():

@@ -17,7 +17,10 @@ from flm.pipeline.evaluate import evaluate, yaw_bin_masks
 from flm.pipeline.models import build_model
 from flm.pipeline.train import EpochSampler, TrainConfig, _init_state, run, validation_sets
 from flm.spec import SCHEME_MAPS, scheme_index
-from tests.test_data_formats import face_points, make_wflw, wflw_line, write_image, write_pts
+
+from tests.helpers.checkpoints import randomised_model
+from tests.helpers.cli import flm
+from tests.helpers.data import face_points, make_wflw, wflw_line, write_image, write_pts
 
 
 # --------------------------------------------------------------------------- sources
@@ -71,7 +74,6 @@ def test_a_scheme_that_cannot_be_mapped_names_both_sources(tmp_path):
                                          ("udacity:/no/such/dir", "not found"),
                                          ("udacity:DIR@abc", "positive number")])
 def test_bad_sources_are_one_clear_cli_error_and_nothing_is_written(tmp_path, spec, words):
-    from tests.reliability.helpers import flm
     r = flm("train", "--data", "synthetic:8", "--data", spec, "--out", tmp_path / "run")
     assert r.returncode == 2, r.stderr
     assert words in r.stderr and "Traceback" not in r.stderr
@@ -222,7 +224,6 @@ def test_export_writes_the_chosen_conventions_head_and_verify_compares_with_that
     from flm.cli import main
     from flm.exporters.onnx import open_onnx
     from flm.exporters.parity import make_inputs, run_exported
-    from tests.export_helpers import randomised_model
 
     one = randomised_model("shufflenet-heatmap", img_size=64)
     many = build_model("shufflenet-heatmap", spec=one.spec.with_(conventions=("a", "b")))
@@ -265,6 +266,5 @@ def test_flips_can_be_set_per_convention(tmp_path):
         _, ref, _ = plain[(i, 0)]
         mirrored = np.allclose(pts.numpy()[36, 0], 63 - ref.numpy()[45, 0], atol=1e-3)
         assert mirrored == (i < len(a))
-    from tests.reliability.helpers import flm
     r = flm("train", "--aug-flip-for", "300w-train=2", "--out", tmp_path / "x")
     assert r.returncode == 2 and "expected NAME=P with P between 0 and 1" in r.stderr

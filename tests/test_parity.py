@@ -3,6 +3,8 @@ truncated and foreign files, a checkpoint that is not the file's, a bad target o
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,14 +20,16 @@ from flm.exporters.onnx import open_onnx
 from flm.exporters.parity import MAX_DISPLACEMENT_PX, _structured_face, check, make_inputs
 from flm.pipeline.checkpoint import load_model
 
-from tests.export_helpers import perturbed_checkpoint, random_checkpoint
+from tests.helpers.checkpoints import perturbed_checkpoint, random_checkpoint
 
 
 @pytest.fixture(scope="module")
-def simple(tmp_path_factory):
+def simple(tmp_path_factory, random_checkpoints):
     """A simple-cnn checkpoint, a perturbed copy, and both targets exported from each (via the CLI)."""
     root = tmp_path_factory.mktemp("simple")
-    good = random_checkpoint(root / "good" / "best.pt", "simple-cnn")
+    (root / "good").mkdir()
+    # a copy of the session's: the export is written beside the checkpoint
+    good = Path(shutil.copy(random_checkpoints("simple-cnn"), root / "good" / "best.pt"))
     bad = perturbed_checkpoint(good, root / "bad" / "best.pt")
     for ckpt in (good, bad):
         assert main(["export", str(ckpt), "--target", "all", "--samples", "2"]) == 0
@@ -75,8 +79,8 @@ def test_verify_on_dataset_crops(simple, tmp_path):
     assert report["inputs"].startswith("2 crops from udacity:") and report["samples"] == 2
 
 
-def test_checkpoint_that_is_not_the_files_is_refused(simple, tmp_path):
-    other = load_model(random_checkpoint(tmp_path / "eyes.pt", "resnet-eyes"))
+def test_checkpoint_that_is_not_the_files_is_refused(simple, random_checkpoints):
+    other = load_model(random_checkpoints("resnet-eyes"))
     opened = open_onnx(simple["good"].parent / "export" / "model.onnx")
     with pytest.raises(ParityError, match="spec differs"):
         check(opened, other, make_inputs(other.spec, 1))
@@ -101,8 +105,6 @@ def test_truncated_and_foreign_onnx_files_give_clear_errors(simple, tmp_path, ca
 
 
 def test_truncated_and_foreign_coreml_packages_give_clear_errors(simple, tmp_path):
-    import shutil
-
     src = simple["good"].parent / "export" / "model.mlpackage"
     weights, spec_file = "Data/com.apple.CoreML/weights/weight.bin", "Data/com.apple.CoreML/model.mlmodel"
     cut_weights = shutil.copytree(src, tmp_path / "w.mlpackage")

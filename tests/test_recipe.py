@@ -10,7 +10,8 @@ import pytest
 
 from flm.errors import UsageError
 from flm.pipeline.recipe import load_recipe
-from tests.reliability.helpers import REPO, flm
+
+from tests.helpers.cli import REPO, flm
 
 
 def test_the_shipped_models_recipe_reads_and_chains_its_stages():

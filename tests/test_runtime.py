@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -26,9 +27,7 @@ from flm.runtime import (BoxAdjust, FaceDetector, FaceLandmarker, FaceLandmarker
 from flm.runtime.detectors import HaarDetector, calibrate_box_adjust
 from flm.runtime.pose import MEAN_FACE_68, POSE_INDEX, POSE_MODEL, rotation_from_euler
 
-sys.path.insert(0, str(Path(__file__).parent))  # works whether or not tests/ is a package
-from runtime_helpers import (HAAR_SEEDS, add_spec_metadata, blob_image, dot_finder_onnx, export_onnx,  # noqa: E402
-                             faces_image)
+from tests.helpers.runtime import HAAR_SEEDS, add_spec_metadata, blob_image, dot_finder_onnx, export_onnx, faces_image
 
 REPO = Path(__file__).resolve().parents[1]
 YUNET = REPO.parent / "shared" / "peers" / "yunet-n-320.onnx"
@@ -498,8 +497,7 @@ for name in ('onnx', 'coremltools'):
     sys.modules[name] = None
 import numpy as np
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from runtime_helpers import blob_image
+from tests.helpers.runtime import blob_image
 lm = FaceLandmarker.create({str(models['dot'])!r}, FaceLandmarkerOptions(detector='none', refine=0))
 r = lm.detect(blob_image(64, 64, (30.5, 33.25)))
 assert abs(r.faces[0].landmarks[0][0] - 30.5) < 0.2, r.faces[0].landmarks
@@ -507,7 +505,9 @@ loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', '
                 and sys.modules[m] is not None)
 print('LOADED', loaded)
 """
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    # the repo root on the path (not only as the working folder) so `tests.helpers` imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "LOADED []" in p.stdout
 

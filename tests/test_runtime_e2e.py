@@ -1,7 +1,7 @@
 """End to end: train a tiny model, export it, and `flm detect` finds the face and its landmarks
 in a process where torch (and onnx, coremltools) cannot even be imported.
 
-The training set is the generated faces of `runtime_helpers.render_face` (frontal, mild
+The training set is the generated faces of `tests.helpers.runtime.render_face` (frontal, mild
 rotation): a simple-cnn learns them to a few per cent NME in ~80 CPU steps, which the built-in
 synthetic set (yaw up to 60 degrees, occluders) does not allow within a test's budget. An
 untrained export of the same preset is the negative control for the accuracy threshold.
@@ -22,8 +22,7 @@ import pytest
 from flm.cli import main as cli_main
 from flm.geometry import nme, normaliser
 
-sys.path.insert(0, str(Path(__file__).parent))  # works whether or not tests/ is a package
-from runtime_helpers import add_spec_metadata, export_onnx, faces_image, render_face  # noqa: E402
+from tests.helpers.runtime import add_spec_metadata, export_onnx, faces_image, render_face
 
 REPO = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -137,6 +136,7 @@ sys.exit(rc)
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 
+@pytest.mark.slow  # the module's trained model takes over ~20 s to make; `-m "not slow"` skips it
 def test_untrained_model_misses_the_landmarks(exported):
     """Negative control: the same pipeline with untrained weights fails the NME threshold."""
     from flm.runtime import FaceLandmarker
@@ -147,6 +147,7 @@ def test_untrained_model_misses_the_landmarks(exported):
     assert _nme(faces[0].landmarks, pts[0]) > 1.5 * NME_OK  # ...but the landmarks are wrong
 
 
+@pytest.mark.slow  # the module's trained model takes over ~20 s to make; `-m "not slow"` skips it
 def test_cli_errors_are_one_line_with_an_example(exported, tmp_path, capsys):
     img = tmp_path / "face.png"
     cv2.imwrite(str(img), faces_image(0)[0])

@@ -22,8 +22,7 @@ from flm.runtime import FaceLandmarker, FaceLandmarkerOptions
 from flm.runtime.modelfile import open_session, read_spec
 from flm.runtime.shipped import ASSETS, DEFAULT_NAME, is_model_name, resolve_model, shipped_models, shipped_paths
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runtime_helpers import blob_image, dot_finder_onnx  # noqa: E402
+from tests.helpers.runtime import blob_image, dot_finder_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from flm.cli import main
-from tests.reliability.helpers import flm
+
+from tests.helpers.cli import flm
 
 # name -> (arguments ({tmp} is a fresh folder), exit code, words of the message, words of the example)
 CASES = {

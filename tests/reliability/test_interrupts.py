@@ -24,7 +24,7 @@ from flm.pipeline.checkpoint import load_model, read_checkpoint, save_checkpoint
 from flm.pipeline.data import open_dataset
 from flm.pipeline.train import TrainConfig, train
 
-from tests.reliability.helpers import ENV, FLM, TRAIN, Flm
+from tests.helpers.cli import ENV, FLM, TRAIN, Flm
 
 HERE = Path(__file__).resolve().parent
 STEPS = 10  # steps in an epoch of TRAIN: 48 faces of 12 people, 2 people held out, batch 4

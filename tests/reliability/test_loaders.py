@@ -20,7 +20,8 @@ from flm.images import header_size, load_image, to_rgb_uint8
 from flm.pipeline.data import check_points, open_dataset
 from flm.spec import SPEC_FORMAT, ModelSpec
 
-from tests.reliability.helpers import Flm, bomb_header, face_points, write_image
+from tests.helpers.cli import Flm
+from tests.helpers.data import bomb_header, face_points, write_image
 
 # --------------------------------------------------------------------------- every format x every bad input
 # Each writer puts one good sample "a" and one sample "b" in a fresh folder and returns

@@ -21,7 +21,8 @@ from flm.pipeline.checkpoint import load_model, read_checkpoint, save_checkpoint
 from flm.pipeline.models import build_model
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions
 from flm.spec import SPEC_METADATA_KEY, ModelSpec
-from tests.test_budgets import payload
+
+from tests.helpers.checkpoints import payload
 
 
 class _Payload:

@@ -22,8 +22,8 @@ from flm.errors import DatasetError
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions, InvalidInputError
 from flm.spec import SPEC_METADATA_KEY, ModelSpec
 
-from tests.reliability.helpers import ENV
-from tests.runtime_helpers import HAAR_SEEDS, faces_image, template_68
+from tests.helpers.cli import ENV
+from tests.helpers.runtime import HAAR_SEEDS, faces_image, template_68
 
 S = 32
 

@@ -1,4 +1,5 @@
-"""Shared by the export tests: randomly initialised checkpoints whose outputs are not trivial.
+"""Model files for the export, parity and budget tests: randomly initialised models and
+checkpoints whose outputs are not trivial, and checkpoint payloads to doctor.
 
 A fresh model is a weak parity subject: BatchNorm is the identity and the last layer's tiny
 init makes heatmap logits ~1e-6, so almost any export would "match". Here BN gets random
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flm.pipeline.checkpoint import load_model, save_checkpoint
+from flm.pipeline.checkpoint import CHECKPOINT_FORMAT, load_model, save_checkpoint
 from flm.pipeline.models import build_model
 
 
@@ -49,3 +50,12 @@ def perturbed_checkpoint(src: Path, dest: Path, scale: float = 1.01) -> Path:
         next(iter(model.parameters())).mul_(scale)
     save_checkpoint(dest, model)
     return Path(dest)
+
+
+def payload(model, **changes) -> dict:
+    """An flm checkpoint's dict for `model` (format, spec, width-0.5 options, weights) with
+    `changes` applied, a change to None leaving that key out: `torch.save` it to doctor a file."""
+    d = {"format": CHECKPOINT_FORMAT, "spec": model.spec.to_json(), "options": {"width": 0.5},
+         "state_dict": model.state_dict()}
+    d.update(changes)
+    return {k: v for k, v in d.items() if v is not None}

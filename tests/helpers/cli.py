@@ -1,17 +1,13 @@
-"""Shared by the reliability tests: `flm` as a real subprocess, and small fixture files."""
+"""`flm` as a real subprocess, as a shell runs it (the reliability, recipe and multi-source tests)."""
 
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-
-import cv2
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 FLM = [sys.executable, "-m", "flm.cli"]
@@ -71,23 +67,3 @@ class Flm:
         for t in self._readers:
             t.join(10)
         return self.proc.returncode
-
-
-# --------------------------------------------------------------------------- fixture files
-
-
-# the fixture writers of the loader tests, shared (same 120x100 default image)
-from tests.test_data_formats import png_chunk, write_image  # noqa: E402,F401
-
-
-
-def bomb_header(path: Path, side=20000) -> Path:
-    """Only the first bytes of a PNG claiming side x side pixels: the check must need no pixels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)))
-    return path
-
-
-def face_points(seed=0, n=68, w=120, h=100) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.column_stack([rng.uniform(5, w - 5, n), rng.uniform(5, h - 5, n)]).round(2)
