@@ -42,13 +42,26 @@ def check_budget(
     started = time.perf_counter()
     m = measure(target)
     results = evaluate(m, b)
+    out.print(_verdict_table(target, b, results))
+    out.print(_measurement_table(m))
+    if json_out is not None:
+        _write_verdict(json_out, b, results, m, started)
+    enforce(results, b)
+    out.print(f"[green]{target} fits budget {b.name}")
 
+
+def _verdict_table(target: str, b, results) -> Table:
+    """One row per rule: measured, limit, pass or FAIL."""
     t = Table(title=f"{target}: budget {b.name} (MB = 10^6 bytes)")
     for col in ("rule", "measured", "limit", "result"):
         t.add_column(col, overflow="fold")
     for r in results:
         t.add_row(r.rule, r.measured, r.limit, "[green]pass" if r.passed else "[red]FAIL")
-    out.print(t)
+    return t
+
+
+def _measurement_table(m) -> Table:
+    """What was measured: kind, parameters, weights by dtype, bookkeeping tensors, notes."""
     d = Table(title="measurement", show_header=False)
     d.add_column("what")
     d.add_column("value", overflow="fold")
@@ -64,20 +77,20 @@ def check_budget(
         d.add_row(f"bookkeeping {dtype}", f"{c.tensors} tensors, {c.elements:,} values (shapes, counters: not weights)")
     for note in m.notes:
         d.add_row("note", note)
-    out.print(d)
+    return d
 
-    if json_out is not None:
-        from flm.fileio import atomic_path, log_written
 
-        payload = {"budget": vars(b) | {"allowed_dtypes": list(b.allowed_dtypes)},
-                   "passed": all(r.passed for r in results), "rules": [vars(r) for r in results],
-                   "measurement": m.to_json(), "seconds": round(time.perf_counter() - started, 3)}
-        t0 = time.perf_counter()
-        with atomic_path(json_out) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        log_written(json_out, t0)
-    enforce(results, b)
-    out.print(f"[green]{target} fits budget {b.name}")
+def _write_verdict(path: Path, b, results, m, started: float) -> None:
+    """`flm check-budget --json`: the budget, the verdict per rule and the full measurement."""
+    from flm.fileio import atomic_path, log_written
+
+    payload = {"budget": vars(b) | {"allowed_dtypes": list(b.allowed_dtypes)},
+               "passed": all(r.passed for r in results), "rules": [vars(r) for r in results],
+               "measurement": m.to_json(), "seconds": round(time.perf_counter() - started, 3)}
+    t0 = time.perf_counter()
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    log_written(path, t0)
 
 
 def models(

@@ -38,47 +38,66 @@ def check(spec: str = typer.Argument(..., help="FORMAT:PATH, e.g. udacity:../sha
 
     Exits non-zero if anything is bad (with --skip-bad: only if nothing usable is left).
     """
-    from flm.pipeline.data import check_points
-
     fmt, ds, problems = _read_listing_problems(spec, limit)
-
-    def decode(item):
-        i, s = item
-        source = s.meta.get("source") or f"{spec} sample {i}"
-        try:
-            img = s.load()
-            check_points(s.points, ds.num_points, source, s.line, image_size=(img.shape[1], img.shape[0]))
-            return img.shape[1], img.shape[0], None
-        except DatasetError as e:
-            return None, None, _sample_problem(e, s, source)
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    sizes = []
-    with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("decode", total=len(ds))
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for w, h, problem in pool.map(decode, enumerate(ds.samples)):
-                if problem:
-                    problems.append(problem)
-                else:
-                    sizes.append((w, h))
-                bar.advance(task)
-    good = len(sizes)
-    if problems:
-        _problem_table(sorted(problems, key=_order), len(problems), limit)
+    sizes = _decode_all(spec, ds, workers, problems)
+    _list_problems(problems, limit)
     summary = Table(title=f"data check {escape(spec)}", show_header=False)
     summary.add_row("format / scheme", f"{fmt} / {_scheme(ds)}")
     summary.add_row("samples read", str(len(ds) + len(ds.skipped)))
-    summary.add_row("good", f"[green]{good}")
+    summary.add_row("good", f"[green]{len(sizes)}")
     summary.add_row("bad", f"[red]{len(problems)}" if problems else "0")
     if sizes:
         a = np.array(sizes)
         summary.add_row("image sizes", f"{a[:, 0].min()}..{a[:, 0].max()} x {a[:, 1].min()}..{a[:, 1].max()} px")
     out.print(summary)
-    if problems and (not skip_bad or good == 0):
+    _fail_if_bad(spec, len(problems), len(sizes), skip_bad)
+
+
+def _decode_all(spec: str, ds, workers: int, problems: list) -> list[tuple[int, int]]:
+    """Decode and check every sample of `ds` on `workers` threads, with a progress bar.
+
+    Returns the (width, height) of each good image; appends (where, problem) of each bad one
+    to `problems`, in sample order."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    sizes = []
+    with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("decode", total=len(ds))
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for w, h, problem in pool.map(lambda item: _decode_one(spec, ds, *item), enumerate(ds.samples)):
+                if problem:
+                    problems.append(problem)
+                else:
+                    sizes.append((w, h))
+                bar.advance(task)
+    return sizes
+
+
+def _decode_one(spec: str, ds, i: int, s):
+    """(width, height, None) of sample `i` when it decodes and its points fit, else (None, None, problem)."""
+    from flm.pipeline.data import check_points
+
+    source = s.meta.get("source") or f"{spec} sample {i}"
+    try:
+        img = s.load()
+        check_points(s.points, ds.num_points, source, s.line, image_size=(img.shape[1], img.shape[0]))
+        return img.shape[1], img.shape[0], None
+    except DatasetError as e:
+        return None, None, _sample_problem(e, s, source)
+
+
+def _list_problems(problems: list, limit: int) -> None:
+    """The problems table, sorted by file and line, when there are any."""
+    if problems:
+        _problem_table(sorted(problems, key=_order), len(problems), limit)
+
+
+def _fail_if_bad(spec: str, bad: int, good: int, skip_bad: bool) -> None:
+    """Raise if any sample is bad (with `skip_bad`: only if none is good)."""
+    if bad and (not skip_bad or good == 0):
         hint = " (use --skip-bad to train on the good ones)" if good else ""
-        raise FlmError(f"{spec}: {len(problems)} bad sample(s) of {good + len(problems)}{hint}")
+        raise FlmError(f"{spec}: {bad} bad sample(s) of {good + bad}{hint}")
 
 
 def _read_listing_problems(spec: str, limit: int):
@@ -152,9 +171,18 @@ def info(spec: str = typer.Argument(..., help="FORMAT:PATH"),
     Bad samples are counted and the first few listed (`flm data check` decodes every image and
     lists them all); exits non-zero if any is bad (with --skip-bad: only if nothing usable is left).
     """
+    _, ds, problems = _read_listing_problems(spec, limit)
+    good, sizes = _header_sizes(spec, ds, problems)
+    _list_problems(problems, limit)
+    out.print(_info_table(spec, ds, good, sizes, len(problems)))
+    _fail_if_bad(spec, len(problems), len(good), skip_bad)
+
+
+def _header_sizes(spec: str, ds, problems: list) -> tuple[list, list]:
+    """(good samples, their (width, height)): from the image header where it tells the size, else
+    by decoding. Appends (where, problem) of each sample that does neither to `problems`."""
     from flm.images import image_size
 
-    _, ds, problems = _read_listing_problems(spec, limit)
     good, sizes = [], []
     for i, s in enumerate(ds.samples):
         try:
@@ -167,13 +195,15 @@ def info(spec: str = typer.Argument(..., help="FORMAT:PATH"),
             continue
         good.append(s)
         sizes.append(size)
-    if problems:
-        _problem_table(sorted(problems, key=_order), len(problems), limit)
-    ids = {s.identity for s in good if s.identity}
+    return good, sizes
+
+
+def _info_table(spec: str, ds, good: list, sizes: list, bad: int) -> Table:
     t = Table(title=f"data info {escape(spec)}", show_header=False)
     t.add_row("samples", str(len(good)))
-    if problems:
-        t.add_row("bad", f"[red]{len(problems)}[/] (list them all: flm data check {escape(spec)})")
+    if bad:
+        t.add_row("bad", f"[red]{bad}[/] (list them all: flm data check {escape(spec)})")
+    ids = {s.identity for s in good if s.identity}
     t.add_row("identities", f"{len(ids)}" + ("" if good and all(s.identity for s in good) else
                                              " (not all samples have one: no identity split; pass --val)"))
     t.add_row("scheme", _scheme(ds))
@@ -185,10 +215,7 @@ def info(spec: str = typer.Argument(..., help="FORMAT:PATH"),
     yaws = [s.meta["yaw"] for s in good if "yaw" in s.meta]
     if yaws:
         t.add_row("yaw", f"{min(yaws):.1f}..{max(yaws):.1f} deg")
-    out.print(t)
-    if problems and (not skip_bad or not good):
-        hint = " (use --skip-bad to train on the good ones)" if good else ""
-        raise FlmError(f"{spec}: {len(problems)} bad sample(s) of {len(good) + len(problems)}{hint}")
+    return t
 
 
 # --------------------------------------------------------------------------- synth

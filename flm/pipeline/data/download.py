@@ -403,28 +403,43 @@ def download(name: Optional[str] = typer.Argument(None, help="Dataset name; leav
              sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256 of a one-file dataset."),
              no_extract: bool = typer.Option(False, "--no-extract", help="Download and verify only.")):
     """Download a public landmark dataset with checksum verification and safe extraction."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-    from rich.table import Table
-
-    from flm.ui import console, out
-
     if name is None:
-        t = Table(title="datasets flm can download (flm data download NAME --to DIR)")
-        t.add_column("name", no_wrap=True)
-        for col in ("what", "files", "size", "SHA-256", "read it as"):
-            t.add_column(col, overflow="fold")
-        for d in CATALOGUE.values():
-            known = sum(f.sha256 is not None for f in d.files)
-            t.add_row(d.name, d.title, str(len(d.files)), d.approx_size or "unknown",
-                      f"{known}/{len(d.files)} known" if known else "[yellow]not published",
-                      d.use.replace(":", ":DIR/", 1) if d.use else "-")
-        out.print(t)
+        _print_catalogue()
         return
     ds = get_dataset(name)
     if to is None:
         raise UsageError("--to DIR is required", example=f"flm data download {name} --to data/{name}")
     started = time.perf_counter()
+    result = _download_with_progress(ds, to, mirror=mirror, verify=not no_verify, sha256=sha256,
+                                     extract=not no_extract)
+    _print_result(ds, to, result, sha256, started)
+
+
+def _print_catalogue() -> None:
+    """`flm data download` without a name: the datasets it can fetch."""
+    from rich.table import Table
+
+    from flm.ui import out
+
+    t = Table(title="datasets flm can download (flm data download NAME --to DIR)")
+    t.add_column("name", no_wrap=True)
+    for col in ("what", "files", "size", "SHA-256", "read it as"):
+        t.add_column(col, overflow="fold")
+    for d in CATALOGUE.values():
+        known = sum(f.sha256 is not None for f in d.files)
+        t.add_row(d.name, d.title, str(len(d.files)), d.approx_size or "unknown",
+                  f"{known}/{len(d.files)} known" if known else "[yellow]not published",
+                  d.use.replace(":", ":DIR/", 1) if d.use else "-")
+    out.print(t)
+
+
+def _download_with_progress(ds: Dataset, to: Path, **options) -> dict:
+    """`download_dataset` with one progress bar per file on a terminal."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from flm.ui import console
+
     with Progress(TextColumn("{task.fields[file]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         tasks = {}
@@ -434,8 +449,13 @@ def download(name: Optional[str] = typer.Argument(None, help="Dataset name; leav
                 tasks[file] = bar.add_task(file, file=file, total=total)
             bar.update(tasks[file], completed=done, total=total)
 
-        result = download_dataset(ds, to, mirror=mirror, verify=not no_verify, sha256=sha256,
-                                  extract=not no_extract, progress=progress)
+        return download_dataset(ds, to, progress=progress, **options)
+
+
+def _print_result(ds: Dataset, to: Path, result: dict, sha256: str | None, started: float) -> None:
+    """What was downloaded (sizes, checksums, whether verified), extracted, and how to read it."""
+    from flm.ui import console, out
+
     say = lambda text: out.print(text, soft_wrap=True, highlight=False)  # noqa: E731  (hashes whole)
     say(f"{ds.name} -> {to} in {time.perf_counter() - started:.0f} s")
     for f in ds.files:

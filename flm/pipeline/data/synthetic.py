@@ -232,58 +232,95 @@ def face_geometry(seed: int, index: int) -> FaceGeometry:
     yaw = np.radians(imp["yaw"])
     jaw_side = np.sign(np.arange(17) - 8)
     shape[:17] = _silhouette(shape[:17], jaw_side, yaw)
+    fore, fore_top, hairline_y = _forehead(shape, idp, yaw)
+    brow0, brow1 = _brow_polygons(shape, idp)
+    groups = {"pts": shape, "fore": fore, "iris": _irises(shape, imp), "alae": _alae(idp),
+              "brow0": brow0, "brow1": brow1}
+    hairline = _hairline(idp, hairline_y, yaw)
+    if hairline is not None:
+        groups["hairline"] = hairline
+    p2, scale = _place(_project(groups, imp), imp)
+    oval = np.concatenate([p2["pts"][:17], p2["fore"]])
+    fringe, hair_back = _hair(p2, oval, fore_top, idp["hair_style"])
+    return FaceGeometry(
+        width=imp["width"], height=imp["height"], points=p2["pts"].astype(np.float32),
+        pupils=p2["iris"].astype(np.float32), iris_radius=_iris_radii(idp, imp, scale),
+        pose={"yaw": imp["yaw"], "pitch": imp["pitch"], "roll": imp["roll"]},
+        oval=oval, brows=(p2["brow0"], p2["brow1"]), nose=_nose_polygon(p2), nostrils=_nostrils(p2),
+        fringe=fringe, hair_back=hair_back, teeth=_teeth(p2, imp), scale=float(scale),
+        style={k: idp[k] for k in ("skin", "hair", "iris", "lip_col")} | {"identity": person},
+    )
 
-    # forehead arc from the right end of the jaw over the top to its left end
+
+def _forehead(shape: np.ndarray, idp: dict, yaw: float):
+    """(forehead arc, which arc points lie above the hairline, hairline height) in the head frame.
+
+    The arc runs from the right end of the jaw over the top to its left end. The hairline stays
+    well above the brows (0.2 clears them at 30 deg pitch), and the fringe covers the part of
+    the arc above the hairline's ends."""
     th = np.linspace(0, np.pi, 25)[1:-1]
     fore = np.stack([0.95 * idp["sx"] * np.cos(th), (-0.25 - 0.95 * np.sin(th)) * idp["sy"],
                      _forehead_z(np.sin(th)) * idp["sz"]], axis=1)
-    # the hairline stays well above the brows (0.2 clears them at 30 deg pitch), and the fringe
-    # covers the part of the arc above the hairline's ends
     brow_top = (shape[17:27, 1].min() - idp["brow_th"]) / idp["sy"]
     hairline_y = min(idp["hairline"], brow_top - 0.2)
     fore_top = -0.25 - 0.95 * np.sin(th) < hairline_y + 0.02
     fore = _silhouette(fore, np.sign(np.round(np.cos(th), 6)), yaw)
+    return fore, fore_top, hairline_y
 
-    # iris centres: mid-eye, moved by the gaze towards a corner or lid - always a mix of the
-    # eye's own points, so they project inside the drawn eye at any pose
+
+def _irises(shape: np.ndarray, imp: dict) -> np.ndarray:
+    """Iris centres: mid-eye, moved by the gaze towards a corner or lid - always a mix of the
+    eye's own points, so they project inside the drawn eye at any pose."""
     irises = []
     for e in (shape[36:42], shape[42:48]):
         upper, lower = e[[1, 2]].mean(0), e[[4, 5]].mean(0)
         mid = (upper + lower) / 2
         irises.append(mid + 0.2 * imp["gaze"][0] * (e[3] - e[0]) / 2 + 0.15 * imp["gaze"][1] * (lower - upper))
-    irises = np.array(irises)
-    alae = np.array([[-0.2, 0.1, 0.12], [0.2, 0.1, 0.12]]) * [idp["nose_w"], 1, 1] + [0, idp["nose_len"], 0]
+    return np.array(irises)
 
-    # brows as thick strokes around the landmark line (tapering outwards)
+
+def _alae(idp: dict) -> np.ndarray:
+    """The two wings of the nose, in the head frame."""
+    return np.array([[-0.2, 0.1, 0.12], [0.2, 0.1, 0.12]]) * [idp["nose_w"], 1, 1] + [0, idp["nose_len"], 0]
+
+
+def _brow_polygons(shape: np.ndarray, idp: dict) -> list[np.ndarray]:
+    """Brows as thick strokes around the landmark line (tapering outwards)."""
     thick = idp["brow_th"] * np.array([0.55, 0.85, 1.0, 1.0, 0.9])
     brow_polys = []
     for sl, t in ((slice(17, 22), thick), (slice(22, 27), thick[::-1])):
         b = shape[sl]
         up, low = b - np.outer(t, [0, 1, 0]), b + np.outer(0.7 * t, [0, 1, 0])
         brow_polys.append(np.concatenate([up, low[::-1]]))
+    return brow_polys
 
-    hairline = None
-    if idp["hair_style"] != "bald":
-        hx = np.linspace(0.82, -0.82, 9) * idp["sx"]
-        hy = hairline_y + 0.06 * (np.abs(hx) / 0.82) ** 2
-        hairline = np.stack([hx, hy * idp["sy"],
-                             _forehead_z(np.clip((-hy - 0.25) / 0.95, 0, 1)) * idp["sz"]], axis=1)
-        hairline = _silhouette(hairline, np.sign(np.round(hx, 6)), yaw)
 
-    # project everything with one camera
+def _hairline(idp: dict, hairline_y: float, yaw: float) -> np.ndarray | None:
+    """The hairline across the forehead in the head frame; None for a bald head."""
+    if idp["hair_style"] == "bald":
+        return None
+    hx = np.linspace(0.82, -0.82, 9) * idp["sx"]
+    hy = hairline_y + 0.06 * (np.abs(hx) / 0.82) ** 2
+    hairline = np.stack([hx, hy * idp["sy"],
+                         _forehead_z(np.clip((-hy - 0.25) / 0.95, 0, 1)) * idp["sz"]], axis=1)
+    return _silhouette(hairline, np.sign(np.round(hx, 6)), yaw)
+
+
+def _project(groups: dict, imp: dict) -> dict:
+    """Every group of head-frame points through one pinhole camera, in face-width units."""
     rot = _rotation(imp["yaw"], imp["pitch"], imp["roll"])
     centre = np.array([0, 0, -0.5])
-    groups = {"pts": shape, "fore": fore, "iris": irises, "alae": alae,
-              "brow0": brow_polys[0], "brow1": brow_polys[1]}
-    if hairline is not None:
-        groups["hairline"] = hairline
     dist = imp["distance"]
     proj = {}
     for name, g in groups.items():
         cam = (g - centre) @ rot.T + centre
         proj[name] = cam[:, :2] * (dist / (dist - cam[:, 2]))[:, None]
+    return proj
 
-    # place the face: landmark box side = face_frac * the smaller image side, anywhere inside
+
+def _place(proj: dict, imp: dict) -> tuple[dict, float]:
+    """(groups in image pixels, pixels per face-width unit): the landmark box side is face_frac
+    times the smaller image side, anywhere inside the image."""
     w, h = imp["width"], imp["height"]
     pts = proj["pts"]
     lo, hi = pts.min(0), pts.max(0)
@@ -291,41 +328,48 @@ def face_geometry(seed: int, index: int) -> FaceGeometry:
     margin = 2.0
     room = np.array([w - 1, h - 1]) - 2 * margin - (hi - lo) * scale
     offset = margin + np.maximum(room, 0) * imp["pos"] - lo * scale
+    return {k: v * scale + offset for k, v in proj.items()}, scale
 
-    def px(a):
-        return a * scale + offset
 
-    p2 = {k: px(v) for k, v in proj.items()}
+def _iris_radii(idp: dict, imp: dict, scale: float) -> np.ndarray:
+    """(2, 2) ellipse half-axes of each iris, narrowed by yaw and pitch."""
+    dist = imp["distance"]
     iris_r = 0.075 * idp["eye_size"] * idp["sx"] * scale * dist / (dist - 0.1)
-    radii = np.array([[iris_r * max(0.35, np.cos(np.radians(imp["yaw"]))),
-                       iris_r * max(0.35, np.cos(np.radians(imp["pitch"])))]] * 2)
-    oval = np.concatenate([p2["pts"][:17], p2["fore"]])
-    nose = cv2.convexHull(np.concatenate([p2["pts"][27:36], p2["alae"]]).astype(np.float32))[:, 0]
-    # nostrils: just above points 32 and 34 (the landmark stays on the dark nostril's lower rim)
-    nostrils = p2["pts"][[32, 34]] - (p2["pts"][[32, 34]] - p2["pts"][[30, 30]]) * 0.1
-    fringe = hair_back = None
-    if hairline is not None:
-        fringe = np.concatenate([p2["fore"][fore_top], p2["hairline"][::-1]])
-        cen = oval.mean(0)
-        grow = 1.12 if idp["hair_style"] == "short" else 1.2
-        hair_back = cen + (p2["fore"] - cen) * grow  # from the right over the top to the left
-        if idp["hair_style"] == "long":  # down to the shoulders on both sides
-            down = p2["pts"][8] - p2["pts"][27]
-            sides = cen + (p2["pts"][[16, 0]] - cen) * grow + down
-            hair_back = np.concatenate([sides[:1], hair_back, sides[1:]])
-    teeth = None
-    if imp["mouth_open"] > 0.25:
-        upper = p2["pts"][60:65]
-        gap = np.linalg.norm(p2["pts"][66] - p2["pts"][62])
-        teeth = np.concatenate([upper, upper[::-1] + [0, 0.35 * gap]])
-    return FaceGeometry(
-        width=w, height=h, points=p2["pts"].astype(np.float32),
-        pupils=p2["iris"].astype(np.float32), iris_radius=radii,
-        pose={"yaw": imp["yaw"], "pitch": imp["pitch"], "roll": imp["roll"]},
-        oval=oval, brows=(p2["brow0"], p2["brow1"]), nose=nose, nostrils=nostrils,
-        fringe=fringe, hair_back=hair_back, teeth=teeth, scale=float(scale),
-        style={k: idp[k] for k in ("skin", "hair", "iris", "lip_col")} | {"identity": person},
-    )
+    return np.array([[iris_r * max(0.35, np.cos(np.radians(imp["yaw"]))),
+                      iris_r * max(0.35, np.cos(np.radians(imp["pitch"])))]] * 2)
+
+
+def _nose_polygon(p2: dict) -> np.ndarray:
+    return cv2.convexHull(np.concatenate([p2["pts"][27:36], p2["alae"]]).astype(np.float32))[:, 0]
+
+
+def _nostrils(p2: dict) -> np.ndarray:
+    """Just above points 32 and 34 (the landmark stays on the dark nostril's lower rim)."""
+    return p2["pts"][[32, 34]] - (p2["pts"][[32, 34]] - p2["pts"][[30, 30]]) * 0.1
+
+
+def _hair(p2: dict, oval: np.ndarray, fore_top: np.ndarray, style: str):
+    """(fringe, hair behind the head) in pixels; both None without a hairline (bald)."""
+    if "hairline" not in p2:
+        return None, None
+    fringe = np.concatenate([p2["fore"][fore_top], p2["hairline"][::-1]])
+    cen = oval.mean(0)
+    grow = 1.12 if style == "short" else 1.2
+    hair_back = cen + (p2["fore"] - cen) * grow  # from the right over the top to the left
+    if style == "long":  # down to the shoulders on both sides
+        down = p2["pts"][8] - p2["pts"][27]
+        sides = cen + (p2["pts"][[16, 0]] - cen) * grow + down
+        hair_back = np.concatenate([sides[:1], hair_back, sides[1:]])
+    return fringe, hair_back
+
+
+def _teeth(p2: dict, imp: dict) -> np.ndarray | None:
+    """The upper teeth of a mouth open wide enough to show them, else None."""
+    if imp["mouth_open"] <= 0.25:
+        return None
+    upper = p2["pts"][60:65]
+    gap = np.linalg.norm(p2["pts"][66] - p2["pts"][62])
+    return np.concatenate([upper, upper[::-1] + [0, 0.35 * gap]])
 
 
 # --------------------------------------------------------------------------- drawing
@@ -401,61 +445,96 @@ def render(seed: int, index: int, clean: bool = False, features: bool = True) ->
     """
     g = face_geometry(seed, index)
     r = np.random.default_rng([seed, index, 3])
-    w, h, st = g.width, g.height, g.style
-    img = _background(r, w, h)
-    skin = np.asarray(st["skin"], np.float64)
+    img = _background(r, g.width, g.height)
+    white = _draw_head(img, g, r)
+    if features:
+        _draw_features(img, g, white)
+    if not clean:
+        _occluders(img, g, r)
+    out = _lighting(img, r)
+    if not clean:
+        out = _degrade(out, r)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _draw_head(img, g: FaceGeometry, r: np.random.Generator) -> np.ndarray:
+    """Hair behind, neck, face and fringe, with soft shading; returns the eye-white colour.
+
+    The eye white is drawn from `r` here, so whether the features are drawn does not shift `r`."""
+    skin = np.asarray(g.style["skin"], np.float64)
     if g.hair_back is not None:
-        _fill(img, g.hair_back, st["hair"] * 0.85)
-    neck = np.array([g.points[5], g.points[11], g.points[11] + [0, h], g.points[5] + [0, h]])
+        _fill(img, g.hair_back, g.style["hair"] * 0.85)
+    neck = np.array([g.points[5], g.points[11], g.points[11] + [0, g.height], g.points[5] + [0, g.height]])
     _fill(img, neck, skin * 0.82)
     _fill(img, g.oval, skin)
     # soft shading: a lighter inner face, shifted towards the light
     cen = g.oval.mean(0)
     light = r.uniform(-1, 1, 2) * g.scale * 0.08
-    white = np.array([238, 234, 228]) * r.uniform(0.85, 1.0)  # drawn here: `features` must not shift `r`
+    white = np.array([238, 234, 228]) * r.uniform(0.85, 1.0)
     _fill(img, cen + (g.oval - cen) * 0.78 + light, skin * 1.06)
     if g.fringe is not None:
-        _fill(img, g.fringe, st["hair"])
-    if features:
-        u = g.scale  # pixels per face-width unit
-        liner = skin * 0.35
-        _line(img, g.points[:17], skin * 0.6, max(1.0, 0.015 * u))
-        _fill(img, g.nose, skin * 1.03)
-        for c in g.nostrils:
-            cv2.ellipse(img, tuple(int(v) for v in _fx(c)),
-                        tuple(int(v) for v in _fx([0.045 * u, 0.022 * u])), 0, 0, 360,
-                        _col(skin * 0.35), -1, cv2.LINE_AA, _SHIFT)
-        _line(img, g.points[27:31], skin * 0.78, max(1.0, 0.02 * u))
-        _line(img, g.points[31:36], skin * 0.55, max(1.0, 0.015 * u))
-        for k, sl in enumerate((slice(36, 42), slice(42, 48))):
-            _draw_eye(img, g.points[sl], g.pupils[k], g.iris_radius[k], st, white, liner, max(1.0, 0.012 * u))
-        for poly in g.brows:
-            _fill(img, poly, np.minimum(st["hair"] * 0.7, skin * 0.5))  # brows: darker than skin
-        _fill(img, g.points[48:60], st["lip_col"])
-        _fill(img, g.points[60:68], (60, 20, 25))
-        if g.teeth is not None:
-            _fill(img, g.teeth, (235, 232, 220))
-        _line(img, g.points[48:60], st["lip_col"] * 0.75, max(1.0, 0.008 * u), closed=True)
-        _line(img, g.points[60:68], (45, 15, 20), max(1.0, 0.01 * u), closed=True)
-    if not clean:
-        _occluders(img, g, r)
-    # lighting: a brightness ramp across the image (the light's side brighter) and a colour cast
+        _fill(img, g.fringe, g.style["hair"])
+    return white
+
+
+def _draw_features(img, g: FaceGeometry, white) -> None:
+    """Jaw line, nose, eyes, brows and mouth."""
+    st, u = g.style, g.scale  # u: pixels per face-width unit
+    skin = np.asarray(st["skin"], np.float64)
+    _line(img, g.points[:17], skin * 0.6, max(1.0, 0.015 * u))
+    _draw_nose(img, g, skin)
+    for k, sl in enumerate((slice(36, 42), slice(42, 48))):
+        _draw_eye(img, g.points[sl], g.pupils[k], g.iris_radius[k], st, white, skin * 0.35, max(1.0, 0.012 * u))
+    for poly in g.brows:
+        _fill(img, poly, np.minimum(st["hair"] * 0.7, skin * 0.5))  # brows: darker than skin
+    _draw_mouth(img, g)
+
+
+def _draw_nose(img, g: FaceGeometry, skin: np.ndarray) -> None:
+    u = g.scale
+    _fill(img, g.nose, skin * 1.03)
+    for c in g.nostrils:
+        cv2.ellipse(img, tuple(int(v) for v in _fx(c)),
+                    tuple(int(v) for v in _fx([0.045 * u, 0.022 * u])), 0, 0, 360,
+                    _col(skin * 0.35), -1, cv2.LINE_AA, _SHIFT)
+    _line(img, g.points[27:31], skin * 0.78, max(1.0, 0.02 * u))
+    _line(img, g.points[31:36], skin * 0.55, max(1.0, 0.015 * u))
+
+
+def _draw_mouth(img, g: FaceGeometry) -> None:
+    u, lip = g.scale, g.style["lip_col"]
+    _fill(img, g.points[48:60], lip)
+    _fill(img, g.points[60:68], (60, 20, 25))
+    if g.teeth is not None:
+        _fill(img, g.teeth, (235, 232, 220))
+    _line(img, g.points[48:60], lip * 0.75, max(1.0, 0.008 * u), closed=True)
+    _line(img, g.points[60:68], (45, 15, 20), max(1.0, 0.01 * u), closed=True)
+
+
+def _lighting(img: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    """A brightness ramp across the image (the light's side brighter) and a colour cast, as float32."""
+    h, w = img.shape[:2]
     a, k = r.uniform(0, 2 * np.pi), r.uniform(0.0, 0.6)
     corners = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * 0.5
     ramp = 1 + k * (corners @ [np.cos(a), np.sin(a)])
     gain = (ramp[:, None] * r.uniform(0.9, 1.1, 3) * r.uniform(0.75, 1.15)).reshape(2, 2, 3)
     out = img.astype(np.float32)
     cv2.multiply(out, cv2.resize(gain.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), dst=out)
-    if not clean:
-        if r.uniform() < 0.5:
-            out = cv2.GaussianBlur(out, (0, 0), r.uniform(0.3, 1.6))
-        if r.uniform() < 0.15:  # low resolution
-            f = r.uniform(0.3, 0.6)
-            small = cv2.resize(out, (max(8, int(w * f)), max(8, int(h * f))), interpolation=cv2.INTER_AREA)
-            out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-        if r.uniform() < 0.6:
-            cv2.scaleAdd(_noise_patch(r, w, h), r.uniform(2, 10), out, dst=out)
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return out
+
+
+def _degrade(out: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    """Sometimes blur, sometimes a low-resolution copy, often sensor noise."""
+    h, w = out.shape[:2]
+    if r.uniform() < 0.5:
+        out = cv2.GaussianBlur(out, (0, 0), r.uniform(0.3, 1.6))
+    if r.uniform() < 0.15:  # low resolution
+        f = r.uniform(0.3, 0.6)
+        small = cv2.resize(out, (max(8, int(w * f)), max(8, int(h * f))), interpolation=cv2.INTER_AREA)
+        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    if r.uniform() < 0.6:
+        cv2.scaleAdd(_noise_patch(r, w, h), r.uniform(2, 10), out, dst=out)
+    return out
 
 
 _NOISE: list[np.ndarray] = []
