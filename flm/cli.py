@@ -51,8 +51,7 @@ def train(
     val: Optional[list[str]] = typer.Option(None, "--val", help="FORMAT:PATH scored every epoch, or "
                                             "'split' (hold out 15 %% of the people / photos of every "
                                             "--data); repeatable; default: split."),
-    select: str = typer.Option("mean", "--select", help="The validation set (by name) whose NME picks "
-                               "best.pt, or 'mean' over all of them."),
+    select: str = typer.Option("mean", "--select", help="Validation set (by name) picking best.pt, or 'mean'."),
     heads: bool = typer.Option(True, "--heads/--one-head", help="One output head per annotation "
                                "convention (each --data folder name) when the sources follow several."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run the stages of a recipe TOML "
@@ -90,63 +89,28 @@ def train(
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad samples instead of stopping."),
     synthetic_n: int = typer.Option(1200, "--synthetic-n", help="Faces in the default synthetic set."),
-    nproc: int = typer.Option(1, "--nproc", help="Train in N processes on this machine (runs this command "
-                              "under torchrun; --batch-size is per process)."),
+    nproc: int = typer.Option(1, "--nproc", help="Train in N processes here (torchrun; --batch-size per process)."),
 ):
     """Train a landmark model; writes best.pt, last.pt, metrics.jsonl and PNG reports to --out."""
     if recipe is not None:
-        from flm.pipeline.recipe import run_recipe
-        for record in run_recipe(recipe, _train_progress, max_steps):
-            out_console.print(f"stage {record['stage']}: best validation NME {100 * record['best_val_nme']:.2f} %, "
-                              f"{record['epochs_done']} epochs, {record['wall_s']:.0f} s -> {record['out']}",
-                              highlight=False, soft_wrap=True)
-        return
+        return _run_recipe(recipe, max_steps)
     if nproc != 1:
         _relaunch_under_torchrun(ctx, nproc)
-    from flm.pipeline.augment import AugmentConfig
-    from flm.pipeline.models import get_preset
-    from flm.pipeline.train import TrainConfig, check_options
+    from flm.pipeline.train import config_from_options
 
-    get_preset(model)
-    flip_for = dict(_name_probability(item) for item in aug_flip_for or [])
-    check_options(lr, aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw, flip_for)
-    for name, path in (("--resume", resume), ("--init", init)):
-        if path is not None and not path.is_file():  # before any data is read
-            raise UsageError(f"{name} {path}: file not found",
-                             example=f"flm train {name} runs/train/{'last' if name == '--resume' else 'best'}.pt")
+    cfg = config_from_options(ctx.params)
     if not ignore_budget:
         _refuse_over_budget(model, img_size, width, budget)
-    augment = AugmentConfig.from_options(aug_strength, aug_crop, aug_flip, aug_pose, aug_pose_yaw)
-    cfg = TrainConfig(model=model, data=list(data or [f"synthetic:{synthetic_n}"]), val=list(val or ["split"]),
-                      select=select, heads=heads, val_fraction=val_fraction,
-                      epochs=epochs or (30 if data else 4), batch_size=batch_size, lr=lr, img_size=img_size,
-                      width=width, head=_channels(head), out=str(out), device=device, seed=seed, workers=workers,
-                      max_steps=max_steps, resume=str(resume) if resume else None,
-                      init=str(init) if init else None, augment=augment, flip_for=flip_for, skip_bad=skip_bad)
     _train_progress(cfg)
 
 
-def _channels(value: str | None) -> list[int] | None:
-    """`--head C1,C2` -> [C1, C2]."""
-    if value is None:
-        return None
-    parts = value.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise UsageError(f"--head {value!r}: expected two positive channel counts C1,C2", example="flm train --head 128,96")
-    return [int(p) for p in parts]
+def _run_recipe(recipe: Path, max_steps: int | None) -> None:
+    from flm.pipeline.recipe import run_recipe
 
-
-def _name_probability(item: str) -> tuple[str, float]:
-    """`--aug-flip-for NAME=P` -> (NAME, P); the range of P is `check_options`'s."""
-    name, _, p = item.partition("=")
-    try:
-        value = float(p)
-    except ValueError:
-        value = None
-    if not name or value is None:
-        raise UsageError(f"--aug-flip-for {item!r}: expected NAME=P with P between 0 and 1",
-                         example="flm train --aug-flip 0 --aug-flip-for 300w-train=0.5")
-    return name, value
+    for record in run_recipe(recipe, _train_progress, max_steps):
+        out_console.print(f"stage {record['stage']}: best validation NME {100 * record['best_val_nme']:.2f} %, "
+                          f"{record['epochs_done']} epochs, {record['wall_s']:.0f} s -> {record['out']}",
+                          highlight=False, soft_wrap=True)
 
 
 def _train_progress(cfg) -> dict:
@@ -244,30 +208,13 @@ def evaluate(
 ):
     """NME mean/median, failure rate and CED AUC (at --threshold and 10 %) per dataset, crops from the landmark box."""
     from flm.pipeline.checkpoint import load_model
-    from flm.pipeline.data import Source, drop_undecodable, open_dataset
-    from flm.pipeline.evaluate import evaluate as run_eval, head_of
+    from flm.pipeline.evaluate import check_evaluation_options, evaluate_sets
     from flm.pipeline.reports import write_report
 
-    if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
-        raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
-    if split not in ("all", "val", "train"):
-        raise UsageError(f"unknown --split {split!r}", example="flm evaluate best.pt --data udacity:DIR --split val")
+    check_evaluation_options(norm, split)
     model = load_model(checkpoint)
-    conventions = model.spec.conventions
-    if convention not in ("auto", *conventions):
-        raise UsageError(f"--convention {convention!r}: this model learnt {', '.join(conventions) or 'one convention'}",
-                         example=f"flm evaluate {checkpoint} --data FORMAT:PATH --convention auto")
-    results = []
-    for spec in data:
-        ds = drop_undecodable(open_dataset(spec, skip_bad=skip_bad), skip_bad).mapped(model.spec.scheme)
-        if split != "all":
-            ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
-        name = Source.parse(spec).convention if convention == "auto" else convention
-        set_norm = ds.norm if norm == "auto" else norm
-        head = head_of(conventions, name)
-        result = run_eval(model, ds, norm=set_norm, threshold=threshold, head=head)
-        result["convention"] = (conventions or ("",))[head or 0]
-        results.append(result)
+    results = evaluate_sets(model, data, norm=norm, threshold=threshold, convention=convention, skip_bad=skip_bad,
+                            split=split, val_fraction=val_fraction, seed=seed)
     write_report(results[0] if len(results) == 1 else results, json_out, None)
     if ced:
         write_report(results[0], None, ced)
@@ -287,6 +234,25 @@ def _evaluation_table(checkpoint, results: list[dict], threshold: float) -> Tabl
                   f"{100 * r['nme_median']:.2f} %", f"{100 * r['failure_rate']:.2f} %", f"{r['auc']:.4f}",
                   f"{100 * r['failure_rate_10']:.2f} %", f"{r['auc_10']:.4f}", yaw)
     return t
+
+
+@app.command()
+def models(
+    budget: str = typer.Option("challenge-15mb", "--budget", "-b", help="Budget for the 'fits' column "
+                               "(see flm check-budget --help)."),
+    shipped: bool = typer.Option(False, "--shipped", help="List the trained models flm ships instead (their "
+                                 "names work as FaceLandmarker.create(NAME) and flm detect --model NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout instead of a table."),
+):
+    """List the model presets with their size as float32 (MB = 10^6 bytes) and whether each fits;
+    with --shipped, the trained models flm ships."""
+    if shipped:  # the runtime lists them: no torch needed
+        from flm.runtime.commands import show_shipped_models
+
+        return show_shipped_models(as_json)
+    from flm.budgets.commands import show_presets
+
+    show_presets(budget, as_json)
 
 
 # --------------------------------------------------------------------------- stage commands

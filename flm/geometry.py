@@ -74,6 +74,12 @@ def invert_affine(m: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- images
 
 
+def swap_channels(crop: np.ndarray, to_order: str, from_order: str = "RGB") -> np.ndarray:
+    """A 3-channel crop in `from_order` ("RGB" or "BGR") as `to_order` wants it (a view when they
+    differ, the crop itself when they agree or the model is gray)."""
+    return crop[:, :, ::-1] if {to_order, from_order} == {"RGB", "BGR"} else crop
+
+
 def to_model_input(crop: np.ndarray, channels: int, mean, std, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 crop (H, W, 3 in the spec's colour order, or H, W gray) -> float32 (C, H, W).
 

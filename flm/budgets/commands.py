@@ -93,20 +93,8 @@ def _write_verdict(path: Path, b, results, m, started: float) -> None:
     log_written(path, t0)
 
 
-def models(
-    budget: str = typer.Option(DEFAULT_BUDGET, "--budget", "-b",
-                               help=f"Budget for the 'fits' column: {', '.join(budget_names())}."),
-    shipped: bool = typer.Option(False, "--shipped", help="List the trained models flm ships instead (their "
-                                 "names work as FaceLandmarker.create(NAME) and flm detect --model NAME)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout instead of a table."),
-):
-    """List the model presets with their size as float32 (MB = 10^6 bytes) and whether each fits;
-    with --shipped, the trained models flm ships."""
-    if shipped:  # the runtime lists them: no torch needed
-        from flm.runtime.commands import show_shipped_models
-
-        show_shipped_models(as_json)
-        return
+def show_presets(budget: str, as_json: bool) -> None:
+    """`flm models`: the presets with their float32 size and whether each fits `budget`."""
     from flm.budgets import preset_footprint
     from flm.pipeline.models import PRESETS
 
@@ -146,4 +134,3 @@ def models(
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     app.command("check-budget", help=CHECK_BUDGET_HELP)(check_budget)
-    app.command("models")(models)

@@ -77,11 +77,28 @@ def export(
                                              "the first --data source's)."),
 ):
     """Export a checkpoint to ONNX and/or Core ML; every file is parity-checked before it is published."""
+    targets = resolve_targets(target)
+    options = {"onnx": {"decode": decode, "opset": opset}, "coreml": {"decode": decode, "coreml_input": coreml_input}}
+    _check_export_options(checkpoint, targets, options, opset, coreml_input, samples)
+
+    from flm.exporters.parity import make_inputs
+    from flm.pipeline.checkpoint import load_model
+    from flm.pipeline.models import single_convention
+
+    model = single_convention(load_model(checkpoint), convention)
+    inputs = make_inputs(model.spec, samples, data)
+    reports, failures = _export_targets(model, targets, out_dir or Path(checkpoint).parent / "export", inputs,
+                                        options, str(checkpoint))
+    if json_out:
+        _write_json(json_out, reports)
+    if failures:
+        raise ParityError("; ".join(str(e) for e in failures), failures[0].report)
+
+
+def _check_export_options(checkpoint, targets, options: dict, opset: int, coreml_input: str, samples: int) -> None:
     from flm.exporters.coreml import INPUT_KINDS
     from flm.exporters.onnx import MIN_OPSET
 
-    targets = resolve_targets(target)
-    options = {"onnx": {"decode": decode, "opset": opset}, "coreml": {"decode": decode, "coreml_input": coreml_input}}
     for t in targets:
         check_options(t, options[t.name])
     if opset < MIN_OPSET:
@@ -94,19 +111,17 @@ def export(
         raise UsageError(f"--samples must be at least 1, got {samples}", example=f"flm export {checkpoint} --samples 8")
     check_needs(targets)
 
-    from flm.exporters.parity import make_inputs, report_table
-    from flm.pipeline.checkpoint import load_model
-    from flm.pipeline.models import single_convention
 
-    model = single_convention(load_model(checkpoint), convention)
-    out_dir = out_dir or Path(checkpoint).parent / "export"
-    inputs = make_inputs(model.spec, samples, data)
+def _export_targets(model, targets, out_dir: Path, inputs, options: dict, against: str):
+    """Export `model` to every target, each parity-checked; (reports, the ParityErrors of files that failed)."""
+    from flm.exporters.parity import report_table
+
     reports, failures = [], []
     for t in targets:
         final = out_dir / t.filename
         started = time.perf_counter()
         try:
-            report = export_target(model, t, final, inputs, options[t.name], against=str(checkpoint))
+            report = export_target(model, t, final, inputs, options[t.name], against=against)
         except ParityError as e:
             if e.report is None:
                 raise
@@ -117,10 +132,7 @@ def export(
             log_written(final, started)
         reports.append(report)
         out.print(report_table(report))
-    if json_out:
-        _write_json(json_out, reports)
-    if failures:
-        raise ParityError("; ".join(str(e) for e in failures), failures[0].report)
+    return reports, failures
 
 
 def verify(

@@ -31,6 +31,7 @@ import numpy as np
 
 from flm.coreml_io import import_coremltools, quiet_coremltools
 from flm.errors import UsageError
+from flm.geometry import swap_channels
 from flm.exporters import (MAX_BATCH, TARGETS, describe, input_description, metadata,
                            output_descriptions, output_names)
 from flm.exporters.mil_eval import MilProgram
@@ -157,7 +158,7 @@ def _coreml_predictor(path, spec, input_kind, outputs):
                 if spec.color_order == "GRAY":
                     feed = Image.fromarray(pixels[:, :, 0], mode="L")
                 else:  # Core ML reorders channels itself for a BGR layout; PIL images are RGB
-                    feed = Image.fromarray(pixels[:, :, ::-1] if spec.color_order == "BGR" else pixels, mode="RGB")
+                    feed = Image.fromarray(swap_channels(pixels, "RGB", spec.color_order), mode="RGB")
             else:
                 feed = sample[None].astype(np.float32)
             res = ml.predict({INPUT: feed})

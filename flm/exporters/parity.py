@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from flm.errors import ParityError
-from flm.geometry import soft_argmax, to_model_input
+from flm.geometry import soft_argmax, swap_channels, to_model_input
 from flm.spec import HEATMAPS, LANDMARKS, ModelSpec
 
 log = logging.getLogger("flm")
@@ -145,7 +145,7 @@ def _in_colour_order(rgb_crop: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """An RGB uint8 crop -> (S, S, C) in what the model takes (exactly as CropDataset converts it)."""
     if spec.channels == 1:
         return cv2.cvtColor(rgb_crop, cv2.COLOR_RGB2GRAY)[:, :, None]
-    return rgb_crop[:, :, ::-1] if spec.color_order == "BGR" else rgb_crop
+    return swap_channels(rgb_crop, spec.color_order)
 
 
 def _generated_faces(spec: ModelSpec, n: int, seed: int):

@@ -6,6 +6,7 @@ carry no code. Writes are atomic (temporary file + rename).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def save_checkpoint(path, model: LandmarkModel, **extra) -> Path:
         torch.save(payload, f)
     log_written(path, started)
     return Path(path)
+
+
+def state_digest(state_dict: dict) -> str:
+    """A short SHA-256 of a state dict's names and exact tensor bytes: equal digests, equal weights."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def read_checkpoint(path) -> dict:

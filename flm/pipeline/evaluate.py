@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from flm.errors import UsageError
 from flm.geometry import (crop_matrix, invert_affine, landmark_box, nme, nme_summary, normaliser,
-                          to_model_input, transform_points, warp, yaw_bins)
+                          swap_channels, to_model_input, transform_points, warp, yaw_bins)
 from flm.pipeline.augment import AugmentConfig, make_crop
-from flm.pipeline.data import LandmarkDataset
+from flm.pipeline.data import LandmarkDataset, Source, drop_undecodable, open_dataset
 from flm.spec import ModelSpec, scheme_index
 
 log = logging.getLogger("flm")
@@ -46,9 +47,7 @@ class CropDataset(Dataset):
         aug = self.aug[i] if isinstance(self.aug, list) else self.aug
         rng = np.random.default_rng([self.seed, epoch, i]) if aug else None
         crop, cpts = make_crop(img, pts, self.spec, rng, aug)
-        if self.spec.color_order == "BGR":
-            crop = crop[:, :, ::-1]
-        x = to_model_input(crop, self.spec.channels, self.spec.mean, self.spec.std)
+        x = to_model_input(swap_channels(crop, self.spec.color_order), self.spec.channels, self.spec.mean, self.spec.std)
         return torch.from_numpy(x), torch.from_numpy(cpts), i
 
 
@@ -133,3 +132,32 @@ def mean_shape_baseline(train: LandmarkDataset, val: LandmarkDataset, spec: Mode
     mean = crop_pts(train).mean(axis=0)
     gt = crop_pts(val)
     return float(nme(np.broadcast_to(mean, gt.shape), gt, normaliser(gt, norm, spec.scheme)).mean())
+
+
+def check_evaluation_options(norm: str, split: str) -> None:
+    if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
+        raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
+    if split not in ("all", "val", "train"):
+        raise UsageError(f"unknown --split {split!r}", example="flm evaluate best.pt --data udacity:DIR --split val")
+
+
+def evaluate_sets(model, data: list[str], *, norm: str = "auto", threshold: float = 0.08, convention: str = "auto",
+                  skip_bad: bool = False, split: str = "all", val_fraction: float = 0.15, seed: int = 0) -> list[dict]:
+    """`evaluate` on every `FORMAT:PATH` of `data` (`flm evaluate`): each set by its own NME protocol
+    unless `norm` says otherwise, through the head of the convention named like its folder (or
+    `convention`), on all its faces or on one side of `flm train`'s identity split."""
+    check_evaluation_options(norm, split)
+    conventions = model.spec.conventions
+    if convention not in ("auto", *conventions):
+        raise UsageError(f"--convention {convention!r}: this model learnt {', '.join(conventions) or 'one convention'}",
+                         example="flm evaluate best.pt --data FORMAT:PATH --convention auto")
+    results = []
+    for text in data:
+        ds = drop_undecodable(open_dataset(text, skip_bad=skip_bad), skip_bad).mapped(model.spec.scheme)
+        if split != "all":
+            ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
+        head = head_of(conventions, Source.parse(text).convention if convention == "auto" else convention)
+        result = evaluate(model, ds, norm=ds.norm if norm == "auto" else norm, threshold=threshold, head=head)
+        result["convention"] = (conventions or ("",))[head or 0]
+        results.append(result)
+    return results

@@ -37,7 +37,7 @@ from flm.errors import TrainingError, UsageError
 from flm.fileio import atomic_path, sweep_temporaries
 from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
-from flm.pipeline.checkpoint import read_checkpoint, save_checkpoint
+from flm.pipeline.checkpoint import read_checkpoint, save_checkpoint, state_digest
 from flm.pipeline.data import LandmarkDataset, Source, open_sources
 from flm.pipeline.evaluate import (CropDataset, head_of, mean_shape_baseline, point_subset,
                                    predict_crops, yaw_bin_masks)
@@ -100,6 +100,54 @@ def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: flo
     if not (0 <= aug_pose_yaw <= 75):
         raise UsageError(f"--aug-pose-yaw must be between 0 and 75 degrees, got {aug_pose_yaw}",
                          example="flm train --aug-pose 0.5 --aug-pose-yaw 50")
+
+
+def config_from_options(options: dict) -> TrainConfig:
+    """The TrainConfig of `flm train`'s options (by their parameter names), each checked first:
+    one clear error for a bad value, before any data is read."""
+    o = options
+    get_preset(o["model"])
+    flip_for = dict(_name_probability(item) for item in o.get("aug_flip_for") or [])
+    check_options(o["lr"], o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"], o["aug_pose_yaw"], flip_for)
+    for name in ("resume", "init"):
+        if o.get(name) is not None and not Path(o[name]).is_file():
+            raise UsageError(f"--{name} {o[name]}: file not found",
+                             example=f"flm train --{name} runs/train/{'last' if name == 'resume' else 'best'}.pt")
+    augment = AugmentConfig.from_options(o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"],
+                                         o["aug_pose_yaw"])
+    plain = {k: o[k] for k in ("model", "select", "heads", "val_fraction", "batch_size", "lr", "img_size", "width",
+                               "device", "seed", "workers", "max_steps", "skip_bad") if k in o}
+    return TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
+                       val=list(o.get("val") or ["split"]), epochs=o.get("epochs") or (30 if o.get("data") else 4),
+                       head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
+                       resume=_text(o.get("resume")), init=_text(o.get("init")), augment=augment, flip_for=flip_for)
+
+
+def _text(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def _channels(value: str | None) -> list[int] | None:
+    """`--head C1,C2` -> [C1, C2]."""
+    if value is None:
+        return None
+    parts = str(value).split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--head {value!r}: expected two positive channel counts C1,C2", example="flm train --head 128,96")
+    return [int(p) for p in parts]
+
+
+def _name_probability(item: str) -> tuple[str, float]:
+    """`--aug-flip-for NAME=P` -> (NAME, P); the range of P is `check_options`'s."""
+    name, _, p = item.partition("=")
+    try:
+        value = float(p)
+    except ValueError:
+        value = None
+    if not name or value is None:
+        raise UsageError(f"--aug-flip-for {item!r}: expected NAME=P with P between 0 and 1",
+                         example="flm train --aug-flip 0 --aug-flip-for 300w-train=0.5")
+    return name, value
 
 
 def pick_device(name: str) -> torch.device:
@@ -326,6 +374,193 @@ def _describe_sources(sources, init: str | None) -> str:
     return f"{text} (from {init})" if init else text
 
 
+def _build(cfg: TrainConfig, sources, device) -> tuple[LandmarkModel, tuple[str, ...]]:
+    """The model to train (one head per convention; `--init` weights) and its conventions."""
+    model = build_model(cfg.model, cfg.img_size, cfg.preset_options())
+    conventions = conventions_of(cfg, sources)
+    if conventions:
+        model = build_model(cfg.model, spec=model.spec.with_(conventions=conventions))
+    if cfg.init and not cfg.resume:
+        _load_init_weights(model, cfg.init)
+    model.spec = model.spec.with_(training_data=_describe_sources(sources, cfg.init))
+    return model.to(device), conventions
+
+
+def _loader(cfg: TrainConfig, spec, sources, conventions, rank: int, world: int):
+    """(DataLoader, its EpochSampler, the output head of every training face)."""
+    faces = LandmarkDataset("+".join(ds.name for _, ds in sources), spec.scheme,
+                            [s for _, ds in sources for s in ds.samples])
+    weights = np.concatenate([np.full(len(ds), src.weight) for src, ds in sources])
+    head_of_face = torch.tensor([conventions.index(src.convention) if conventions else 0
+                                 for src, ds in sources for _ in ds.samples])
+    augment = cfg.augment
+    if cfg.flip_for:
+        per = {src.convention: replace(cfg.augment, flip=cfg.flip_for.get(src.convention, cfg.augment.flip))
+               for src, _ in sources}
+        augment = [per[src.convention] for src, ds in sources for _ in ds.samples]
+    ds = CropDataset(faces, spec, augment, cfg.seed, point_subset(spec, faces))
+    sampler = EpochSampler(len(ds), cfg.seed, rank=rank, world=world, weights=weights)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        worker_init_fn=_ignore_stop_signals,
+                        drop_last=len(sampler) > cfg.batch_size, persistent_workers=False)
+    return loader, sampler, head_of_face
+
+
+def _optimiser(cfg: TrainConfig, model, total: int):
+    """AdamW with a linear warm-up into a cosine decay over `total` steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = min(200, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
+@dataclass
+class _Run:
+    """One training job in progress: what it trains with, and where it has got to."""
+
+    cfg: TrainConfig
+    model: LandmarkModel
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    sched: object
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    steps_per_epoch: int
+    epoch: int = 0
+    start_step: int = 0
+    history: list = field(default_factory=list)
+    best: float = float("inf")
+    carry: tuple = (0.0, 0)  # loss sum and count of this epoch's steps before a mid-epoch resume
+    t0: float = field(default_factory=time.perf_counter)
+
+    def state(self, epoch: int, step: int, epoch_loss=(0.0, 0)) -> dict:
+        """Everything `--resume` needs, beside the weights."""
+        return dict(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), epoch=epoch, step=step,
+                    history=json.dumps(self.history), best_nme=self.best, torch_rng=torch.get_rng_state(),
+                    config=json.dumps(asdict(self.cfg), default=str), world_size=self.world,
+                    epoch_loss=[float(v) for v in epoch_loss])
+
+    def save(self, name: str, **extra) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.out / name, self.model, **extra)
+
+
+def _resume(run: _Run, path: str) -> None:
+    """Load `path` (a last.pt) into `run`: weights, optimiser, schedule, position, history."""
+    ck = read_checkpoint(path)
+    if "optimizer" not in ck:
+        raise UsageError(f"{path}: holds no training state to resume from (a best.pt?); resume from last.pt",
+                         example=f"flm train --resume {run.out / 'last.pt'}")
+    saved_world = int(ck.get("world_size", 1))
+    if int(ck["step"]) and saved_world != run.world:
+        raise UsageError(f"{path} stopped mid-epoch in {saved_world} process(es); resume it with as many "
+                         f"(this run has {run.world})", example=f"flm train --nproc {saved_world} --resume {path}")
+    run.model.load_state_dict(ck["state_dict"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    run.epoch, run.start_step = int(ck["epoch"]), int(ck["step"])
+    run.history, run.best = json.loads(ck["history"]), float(ck["best_nme"])
+    torch.set_rng_state(ck["torch_rng"])
+    if run.start_step and run.rank == 0:  # so the epoch's train_loss is over all its steps, as uninterrupted
+        run.carry = tuple(float(v) for v in ck.get("epoch_loss", (0.0, 0)))
+    log.info("resumed from %s at epoch %d step %d", path, run.epoch + 1, run.start_step)
+
+
+def _train_epoch(run: _Run, loader, head_of_face, conventions, stop, progress) -> tuple[list, int, float, str | None]:
+    """One epoch (from `run.start_step`): (losses, steps done, seconds waiting for data, why it stopped early)."""
+    cfg, device = run.cfg, run.device
+    losses, step, data_s, waiting = [], run.start_step, 0.0, time.perf_counter()
+    for x, target, i in loader:
+        data_s += time.perf_counter() - waiting  # time this step waited for the loader
+        x, target = x.to(device), target.to(device)
+        raw = run.net(x, head_of_face[i].to(device)) if conventions else run.net(x)
+        loss = landmark_loss(run.model, raw, target, cfg)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at epoch {run.epoch + 1} step {step + 1}; "
+                                f"stopped. {_last_good(run.out)} Try a lower --lr.")
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        run.sched.step()
+        losses.append(loss.item())
+        step += 1
+        if progress:
+            progress(run.epoch, step, run.steps_per_epoch, losses[-1], None)
+        signalled = stop.signum is not None
+        if run.world > 1:  # stop on the same step everywhere, or the others wait forever
+            signalled = _all_sum([float(signalled)], device)[0] > 0
+        if signalled:
+            return losses, step, data_s, "signal"
+        if cfg.max_steps and run.epoch * run.steps_per_epoch + step >= cfg.max_steps:
+            return losses, step, data_s, "max-steps"
+        waiting = time.perf_counter()
+    return losses, step, data_s, None
+
+
+def _end_epoch(run: _Run, vals: list[ValSet], step: int, loss: tuple[float, float], data_s: float,
+               progress) -> None:
+    """Validate after `step` steps of the epoch, record it, and write best.pt / last.pt / metrics.jsonl."""
+    global_step = run.epoch * run.steps_per_epoch + step
+    if run.world > 1:
+        for b in run.model.buffers():  # BatchNorm statistics: rank 0's, as DDP uses them
+            dist.broadcast(b, 0)
+    scores, val = _val_scores(run.model, vals, run.device, run.rank, run.world, run.cfg.select)
+    if not math.isfinite(val):  # NaN/inf weights: never save them as the last good checkpoint
+        raise TrainingError(f"validation NME became {val} after epoch {run.epoch + 1} (step {global_step}); "
+                            f"stopped without saving these weights. {_last_good(run.out)} Try a lower --lr.")
+    rec = {"epoch": run.epoch + 1, "step": global_step,
+           "train_loss": loss[0] / loss[1] if loss[1] else None, "val_nme": val, "val": scores,
+           "lr": run.sched.get_last_lr()[0], "time_s": round(time.perf_counter() - run.t0, 1),
+           "data_wait_s": round(data_s, 3)}
+    run.history.append(rec)
+    if progress:
+        progress(run.epoch, step, run.steps_per_epoch, rec["train_loss"], rec)
+    run.epoch, run.start_step = run.epoch + 1, 0
+    if val < run.best:
+        run.best = val
+        run.save("best.pt", epoch=run.epoch, val_nme=val)
+    run.save("last.pt", **run.state(run.epoch, 0))
+    if run.rank == 0:
+        _write_metrics(run.out, run.history)
+
+
+def _epochs(run: _Run, loader, sampler, head_of_face, conventions, vals, progress) -> str | None:
+    """Train epoch after epoch until the schedule (or `stop_epoch`) ends; returns why it stopped early."""
+    cfg = run.cfg
+    with _StopFlag() as stop:
+        _log_start(run, vals)
+        while run.epoch < min(cfg.epochs, cfg.stop_epoch or cfg.epochs):
+            run.model.train()
+            sampler.epoch, sampler.start = run.epoch, run.start_step * cfg.batch_size
+            losses, step, data_s, stopped = _train_epoch(run, loader, head_of_face, conventions, stop, progress)
+            loss = (float(np.sum(losses)) + run.carry[0], len(losses) + run.carry[1])
+            run.carry = (0.0, 0)
+            if run.world > 1:
+                loss = tuple(_all_sum([loss[0], float(loss[1])], run.device))
+            if stopped == "signal":
+                run.save("last.pt", **run.state(run.epoch, step, loss))
+                return stopped
+            _end_epoch(run, vals, step, loss, data_s, progress)
+            if stopped:
+                return stopped
+    return None
+
+
+def _check_ranks_agree(run: _Run) -> None:
+    """Under DDP every process must end with the same weights: compare their digests, log them."""
+    mine = state_digest(run.model.state_dict())
+    every = [None] * run.world
+    dist.all_gather_object(every, mine)
+    if run.rank == 0:
+        log.info("final weights sha256 by rank: %s", ", ".join(f"rank{r} {d}" for r, d in enumerate(every)))
+    if len(set(every)) > 1:
+        raise TrainingError(f"the {run.world} processes ended with different weights ({', '.join(every)}); "
+                            f"{_last_good(run.out)}")
+
+
 def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
     """Train on `sources` [(Source, LandmarkDataset)], scoring `vals` every epoch; returns a summary.
     `progress(epoch, step, steps, loss, record)` is called as it goes (record: None mid-epoch, the
@@ -340,146 +575,32 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         sweep_temporaries(out)
-    model = build_model(cfg.model, cfg.img_size, cfg.preset_options())
-    conventions = conventions_of(cfg, sources)
-    if conventions:
-        model = build_model(cfg.model, spec=model.spec.with_(conventions=conventions))
-    if cfg.init and not cfg.resume:
-        _load_init_weights(model, cfg.init)
-    spec = model.spec.with_(training_data=_describe_sources(sources, cfg.init))
-    model.spec = spec
-    model.to(device)
-
-    train_ds = LandmarkDataset("+".join(ds.name for _, ds in sources), spec.scheme,
-                               [s for _, ds in sources for s in ds.samples])
-    weights = np.concatenate([np.full(len(ds), src.weight) for src, ds in sources])
-    head_of_face = torch.tensor([conventions.index(src.convention) if conventions else 0
-                                 for src, ds in sources for _ in ds.samples])
-    augs = {src.convention: replace(cfg.augment, flip=cfg.flip_for.get(src.convention, cfg.augment.flip))
-            for src, _ in sources}
-    per_face = [augs[src.convention] for src, ds in sources for _ in ds.samples]
-    ds = CropDataset(train_ds, spec, per_face if cfg.flip_for else cfg.augment, cfg.seed,
-                     point_subset(spec, train_ds))
-    sampler = EpochSampler(len(ds), cfg.seed, rank=rank, world=world, weights=weights)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        worker_init_fn=_ignore_stop_signals,
-                        drop_last=len(sampler) > cfg.batch_size, persistent_workers=False)
+    model, conventions = _build(cfg, sources, device)
+    loader, sampler, head_of_face = _loader(cfg, model.spec, sources, conventions, rank, world)
     steps_per_epoch = max(1, len(loader))
-    total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = min(200, total // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-
-    epoch, start_step, history, best = 0, 0, [], float("inf")
-    carry = [0.0, 0]  # loss sum and count of this epoch's steps before a mid-epoch resume
+    opt, sched = _optimiser(cfg, model, steps_per_epoch * cfg.epochs)
+    run = _Run(cfg, model, model, opt, sched, out, rank, world, device, steps_per_epoch)
     if cfg.resume:
-        ck = read_checkpoint(cfg.resume)
-        if "optimizer" not in ck:
-            raise UsageError(f"{cfg.resume}: holds no training state to resume from (a best.pt?); "
-                             "resume from last.pt", example=f"flm train --resume {out / 'last.pt'}")
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        epoch, start_step = int(ck["epoch"]), int(ck["step"])
-        if start_step and int(ck.get("world_size", 1)) != world:
-            raise UsageError(f"{cfg.resume} stopped mid-epoch in {int(ck.get('world_size', 1))} process(es); "
-                             f"resume it with as many (this run has {world})",
-                             example=f"flm train --nproc {int(ck.get('world_size', 1))} --resume {cfg.resume}")
-        history = json.loads(ck["history"])
-        best = float(ck["best_nme"])
-        torch.set_rng_state(ck["torch_rng"])
-        if start_step and rank == 0:  # so the epoch's train_loss is over all its steps, as uninterrupted
-            carry = [float(v) for v in ck.get("epoch_loss", (0.0, 0))]
-        log.info("resumed from %s at epoch %d step %d", cfg.resume, epoch + 1, start_step)
-
-    def state(ep, st, epoch_loss=(0.0, 0)):
-        return dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=ep, step=st,
-                    history=json.dumps(history), best_nme=best, torch_rng=torch.get_rng_state(),
-                    config=json.dumps(asdict(cfg), default=str), world_size=world,
-                    epoch_loss=[float(v) for v in epoch_loss])
-
-    # after resuming: DDP starts every rank from rank 0's weights and averages gradients
-    net = model if world == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    t0, global_step, stopped = time.perf_counter(), epoch * steps_per_epoch + start_step, None
-    with _StopFlag() as stop:
-        if rank == 0:  # logged once a signal is caught, so a signal after this line always saves
-            log.info("training %s (%s parameters) on %s; validating on %s (best.pt by %s), %s%s",
-                     cfg.model, f"{count_parameters(model):,}", spec.training_data,
-                     ", ".join(f"{v.name} ({len(v.ds)} faces, {v.norm})" for v in vals),
-                     "the mean over them" if cfg.select == "mean" else cfg.select, device,
-                     f" x {world} processes" if world > 1 else "")
-        while epoch < min(cfg.epochs, cfg.stop_epoch or cfg.epochs) and stopped is None:
-            model.train()
-            sampler.epoch, sampler.start = epoch, start_step * cfg.batch_size
-            losses, step, data_s, waiting = [], start_step, 0.0, time.perf_counter()
-            for x, target, i in loader:
-                data_s += time.perf_counter() - waiting  # time this step waited for the loader
-                x, target = x.to(device), target.to(device)
-                raw = net(x, head_of_face[i].to(device)) if conventions else net(x)
-                loss = landmark_loss(model, raw, target, cfg)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
-                                        f"stopped. {_last_good(out)} Try a lower --lr.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                global_step += 1
-                if progress:
-                    progress(epoch, step, steps_per_epoch, losses[-1], None)
-                signalled = stop.signum is not None
-                if world > 1:  # stop on the same step everywhere, or the others wait forever
-                    signalled = _all_sum([float(signalled)], device)[0] > 0
-                if signalled or (cfg.max_steps and global_step >= cfg.max_steps):
-                    stopped = "signal" if signalled else "max-steps"
-                    break
-                waiting = time.perf_counter()
-            loss_sum, loss_count = float(np.sum(losses)) + carry[0], len(losses) + carry[1]
-            carry = [0.0, 0]
-            if stopped == "signal":
-                if world > 1:
-                    loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
-                if rank == 0:
-                    save_checkpoint(out / "last.pt", model, **state(epoch, step, (loss_sum, loss_count)))
-                break
-            train_loss = loss_sum / loss_count if loss_count else None
-            if world > 1:
-                for b in model.buffers():  # BatchNorm statistics: rank 0's, as DDP uses them
-                    dist.broadcast(b, 0)
-                loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
-                train_loss = loss_sum / loss_count if loss_count else None
-            scores, val = _val_scores(model, vals, device, rank, world, cfg.select)
-            if not math.isfinite(val):  # NaN/inf weights: never save them as the last good checkpoint
-                raise TrainingError(f"validation NME became {val} after epoch {epoch + 1} (step {global_step}); "
-                                    f"stopped without saving these weights. {_last_good(out)} Try a lower --lr.")
-            rec = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
-                   "val_nme": val, "val": scores, "lr": sched.get_last_lr()[0],
-                   "time_s": round(time.perf_counter() - t0, 1), "data_wait_s": round(data_s, 3)}
-            history.append(rec)
-            if progress:
-                progress(epoch, step, steps_per_epoch, rec["train_loss"], rec)
-            epoch, start_step = epoch + 1, 0
-            if val < best:
-                best = val
-                if rank == 0:
-                    save_checkpoint(out / "best.pt", model, epoch=epoch, val_nme=val)
-            if rank == 0:
-                save_checkpoint(out / "last.pt", model, **state(epoch, 0))
-                _write_metrics(out, history)
-    if os.environ.get("FLM_DUMP_WEIGHTS_DIR"):  # test hook: every process saves its final weights
-        dump = Path(os.environ["FLM_DUMP_WEIGHTS_DIR"])
-        dump.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), dump / f"rank{rank}.pt")
+        _resume(run, cfg.resume)
+    if world > 1:  # after resuming: DDP starts every rank from rank 0's weights and averages gradients
+        run.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    stopped = _epochs(run, loader, sampler, head_of_face, conventions, vals, progress)
     if world > 1:
+        _check_ranks_agree(run)
         dist.barrier()  # no rank leaves while rank 0 still writes
         dist.destroy_process_group()
-    return {"out": str(out), "epochs_done": epoch, "best_val_nme": best, "history": history,
-            "stopped": stopped, "wall_s": time.perf_counter() - t0}
+    return {"out": str(out), "epochs_done": run.epoch, "best_val_nme": run.best, "history": run.history,
+            "stopped": stopped, "wall_s": time.perf_counter() - run.t0}
+
+
+def _log_start(run: _Run, vals: list[ValSet]) -> None:
+    if run.rank == 0:  # logged once a signal is caught, so a signal after this line always saves
+        cfg = run.cfg
+        log.info("training %s (%s parameters) on %s; validating on %s (best.pt by %s), %s%s",
+                 cfg.model, f"{count_parameters(run.model):,}", run.model.spec.training_data,
+                 ", ".join(f"{v.name} ({len(v.ds)} faces, {v.norm})" for v in vals),
+                 "the mean over them" if cfg.select == "mean" else cfg.select, run.device,
+                 f" x {run.world} processes" if run.world > 1 else "")
 
 
 def validation_sets(cfg: TrainConfig, sources, scheme: str):

@@ -233,96 +233,113 @@ def show_shipped_models(as_json: bool) -> None:
         out_console.print("no models are bundled with this install of flm")
 
 
+def detect(
+    paths: List[Path] = typer.Argument(..., help="Images, folders of images/videos, or video files."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="A model flm ships, by name (see flm models --shipped), or an "
+                                             "exported flm ONNX file (default: the default shipped model)."),
+    detector: str = typer.Option("haar", "--detector", help="haar | yunet:PATH | none (whole image is the face)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write annotated images / videos here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every face's box, score, landmarks, pose."),
+    sunglasses: bool = typer.Option(False, "--sunglasses", help="Draw sunglasses placed from eye and nose points."),
+    max_faces: int = typer.Option(8, "--max-faces", help="Faces per image, best detector score first; "
+                                  "a warning says when more were found."),
+    min_face: Optional[int] = typer.Option(None, "--min-face", help="Smallest face box side, pixels "
+                                           "(default: 1/40 of the image's shorter side, at least 20)."),
+    refine: Optional[int] = typer.Option(None, "--refine",
+                                         help="Extra passes cropping around the landmarks just found "
+                                              "(default: 2 for haar, 1 for none, 0 for yunet)."),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime threads (0: one per core)."),
+    tracking: bool = typer.Option(True, "--tracking/--no-tracking",
+                                  help="Videos: follow each face from its last frame's landmarks and run the "
+                                       "detector only now and then (default), or run it on every frame."),
+):
+    """Find faces and their landmarks; write annotated images/videos (--out) and JSON (--json)."""
+    from flm.runtime.landmarker import FaceLandmarker, FaceLandmarkerOptions
+    from flm.runtime.shipped import resolve_model
+    from flm.ui import out as out_console
+
+    if (max_faces < 1 or (refine is not None and refine < 0) or threads < 0
+            or (min_face is not None and min_face < 1)):
+        raise UsageError(f"--max-faces must be >= 1, --refine and --threads >= 0, --min-face >= 1; got "
+                         f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
+    inputs = collect_inputs(paths)
+    model_path = resolve_model(model, example="--model {}")  # a shipped name, a file, or None: the default
+    options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face, refine=refine,
+                                    threads=threads, color="RGB", tracking=tracking)  # frames are converted
+    landmarker = FaceLandmarker.create(model_path, options)
+    log.info("%r", landmarker)
+    records = _detect_all(landmarker, inputs, out, sunglasses, max_faces)
+    if json_out is not None:
+        _write_detections(json_out, landmarker, records, options)
+    out_console.print(_detect_table(landmarker, records))
+    if out is not None:
+        out_console.print(f"annotated files in {out}")
+
+
+def _detect_all(landmarker, inputs, out: Path | None, sunglasses: bool, max_faces: int) -> list[dict]:
+    """One record per input file (image or video), annotated copies written to `out`."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    records, used = [], set()
+    for path, kind in inputs:
+        run = _detect_video if kind == "video" else _detect_image
+        records.append(run(landmarker, path, out, used, sunglasses))
+        warn_dropped(records[-1], max_faces)
+    return records
+
+
+def _write_detections(path: Path, landmarker, records: list[dict], options) -> None:
+    """`flm detect --json`: the model, detector and options, then every file's faces."""
+    from flm.fileio import atomic_path, log_written
+
+    started = time.perf_counter()
+    refine = landmarker.detector.default_refine if options.refine is None else options.refine
+    doc = {"model": landmarker.source, "spec": landmarker.spec.to_dict(), "detector": landmarker.detector.describe(),
+           "refine": refine, "max_faces": options.max_faces,
+           "min_face_size": options.min_face_size,  # None: scaled with the image
+           "tracking": options.tracking, "files": records}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
+    log_written(path, started)
+
+
+def _detect_table(landmarker, records: list[dict]) -> Table:
+    t = Table(title=f"flm detect — {landmarker.spec.preset} ({landmarker.spec.num_points} points), "
+                    f"detector {landmarker.detector.describe()}")
+    for col, just in (("input", "left"), ("kind", "left"), ("faces", "right"), ("ms / image", "right"),
+                      ("frames / s", "right"), ("yaw / pitch / roll", "right"), ("output", "left")):
+        t.add_column(col, justify=just)
+    for r in records:
+        if r["kind"] == "image":
+            faces = str(len(r["faces"])) + (f" of {len(r['faces']) + r['dropped']}" if r["dropped"] else "")
+            pose = r["faces"][0].get("pose") if r["faces"] else None
+        else:
+            with_face = sum(1 for f in r["frames"] if f["faces"])
+            faces = f"{with_face}/{len(r['frames'])} frames"
+            faces += f" ({len(r['skipped_frames'])} skipped)" if r["skipped_frames"] else ""
+            pose = None
+        pose_s = f"{pose['yaw']:.0f}° / {pose['pitch']:.0f}° / {pose['roll']:.0f}°" if pose else "-"
+        speed = "-" if r["kind"] == "image" else f"{r['frames_per_second']:.1f}"
+        kind = r["kind"] if r["kind"] == "image" else f"video ({'' if r['tracking'] else 'no '}tracking)"
+        t.add_row(Path(r["path"]).name, kind, faces, f"{r['ms']:.1f}", speed, pose_s,
+                  Path(r["output"]).name if "output" in r else "-")
+    return t
+
+
+def sample_photos(
+    out: Path = typer.Option(Path("runs/demo/photos"), "--out", "-o", help="Folder to write the JPEGs into."),
+):
+    """Write public-domain photos of a real face (NASA's astronaut portrait, shipped inside
+    scikit-image: no download) to try `flm detect` on. Needs the demo extra: pip install 'flm[demo]'."""
+    from flm.runtime.samples import write_sample_photos
+    from flm.ui import out as out_console
+
+    for path in write_sample_photos(out):
+        out_console.print(str(path), highlight=False, soft_wrap=True)
+
+
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    @app.command()
-    def detect(
-        paths: List[Path] = typer.Argument(..., help="Images, folders of images/videos, or video files."),
-        model: Optional[str] = typer.Option(None, "--model", "-m",
-                                            help="A model flm ships, by name (see flm models --shipped), or an "
-                                                 "exported flm ONNX file (default: the default shipped model)."),
-        detector: str = typer.Option("haar", "--detector", help="haar | yunet:PATH | none (whole image is the face)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write annotated images / videos here."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write every face's box, score, landmarks, pose."),
-        sunglasses: bool = typer.Option(False, "--sunglasses", help="Draw sunglasses placed from eye and nose points."),
-        max_faces: int = typer.Option(8, "--max-faces", help="Faces per image, best detector score first; "
-                                      "a warning says when more were found."),
-        min_face: Optional[int] = typer.Option(None, "--min-face", help="Smallest face box side, pixels "
-                                               "(default: 1/40 of the image's shorter side, at least 20)."),
-        refine: Optional[int] = typer.Option(None, "--refine",
-                                             help="Extra passes cropping around the landmarks just found "
-                                                  "(default: 2 for haar, 1 for none, 0 for yunet)."),
-        threads: int = typer.Option(0, "--threads", help="onnxruntime threads (0: one per core)."),
-        tracking: bool = typer.Option(True, "--tracking/--no-tracking",
-                                      help="Videos: follow each face from its last frame's landmarks and run the "
-                                           "detector only now and then (default), or run it on every frame."),
-    ):
-        """Find faces and their landmarks; write annotated images/videos (--out) and JSON (--json)."""
-        from flm.fileio import atomic_path, log_written
-        from flm.runtime.landmarker import FaceLandmarker, FaceLandmarkerOptions
-        from flm.runtime.shipped import resolve_model
-        from flm.ui import out as out_console
+    app.command()(detect)
+    app.command("sample-photos")(sample_photos)
 
-        if (max_faces < 1 or (refine is not None and refine < 0) or threads < 0
-                or (min_face is not None and min_face < 1)):
-            raise UsageError(f"--max-faces must be >= 1, --refine and --threads >= 0, --min-face >= 1; got "
-                             f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
-        inputs = collect_inputs(paths)
-        model_path = resolve_model(model, example="--model {}")  # a shipped name, a file, or None: the default
-        options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face,
-                                        refine=refine, threads=threads, color="RGB",  # frames are converted
-                                        tracking=tracking)
-        landmarker = FaceLandmarker.create(model_path, options)
-        log.info("%r", landmarker)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        records, used = [], set()
-        for path, kind in inputs:
-            run = _detect_video if kind == "video" else _detect_image
-            records.append(run(landmarker, path, out, used, sunglasses))
-            warn_dropped(records[-1], max_faces)
-
-        if json_out is not None:
-            started = time.perf_counter()
-            doc = {"model": landmarker.source, "spec": landmarker.spec.to_dict(),
-                   "detector": landmarker.detector.describe(),
-                   "refine": landmarker.detector.default_refine if refine is None else refine,
-                   "max_faces": max_faces, "min_face_size": min_face,  # None: scaled with the image
-                   "tracking": tracking, "files": records}
-            with atomic_path(json_out) as tmp:
-                tmp.write_text(json.dumps(doc, indent=1))
-            log_written(json_out, started)
-
-        t = Table(title=f"flm detect — {landmarker.spec.preset} ({landmarker.spec.num_points} points), "
-                        f"detector {landmarker.detector.describe()}")
-        for col, just in (("input", "left"), ("kind", "left"), ("faces", "right"), ("ms / image", "right"),
-                          ("frames / s", "right"), ("yaw / pitch / roll", "right"), ("output", "left")):
-            t.add_column(col, justify=just)
-        for r in records:
-            if r["kind"] == "image":
-                faces = str(len(r["faces"])) + (f" of {len(r['faces']) + r['dropped']}" if r["dropped"] else "")
-                pose = r["faces"][0].get("pose") if r["faces"] else None
-            else:
-                with_face = sum(1 for f in r["frames"] if f["faces"])
-                faces = f"{with_face}/{len(r['frames'])} frames"
-                faces += f" ({len(r['skipped_frames'])} skipped)" if r["skipped_frames"] else ""
-                pose = None
-            pose_s = f"{pose['yaw']:.0f}° / {pose['pitch']:.0f}° / {pose['roll']:.0f}°" if pose else "-"
-            speed = "-" if r["kind"] == "image" else f"{r['frames_per_second']:.1f}"
-            kind = r["kind"] if r["kind"] == "image" else f"video ({'' if r['tracking'] else 'no '}tracking)"
-            t.add_row(Path(r["path"]).name, kind, faces, f"{r['ms']:.1f}", speed, pose_s,
-                      Path(r["output"]).name if "output" in r else "-")
-        out_console.print(t)
-        if out is not None:
-            out_console.print(f"annotated files in {out}")
-
-    @app.command("sample-photos")
-    def sample_photos(
-        out: Path = typer.Option(Path("runs/demo/photos"), "--out", "-o", help="Folder to write the JPEGs into."),
-    ):
-        """Write public-domain photos of a real face (NASA's astronaut portrait, shipped inside
-        scikit-image: no download) to try `flm detect` on. Needs the demo extra: pip install 'flm[demo]'."""
-        from flm.runtime.samples import write_sample_photos
-        from flm.ui import out as out_console
-
-        for path in write_sample_photos(out):
-            out_console.print(str(path), highlight=False, soft_wrap=True)

@@ -34,8 +34,8 @@ import cv2
 import numpy as np
 
 from flm.errors import FlmError, ModelFileError, UsageError
-from flm.geometry import (crop_matrix, invert_affine, landmark_box, soft_argmax, to_model_input, transform_points,
-                          warp)
+from flm.geometry import (crop_matrix, invert_affine, landmark_box, soft_argmax, swap_channels, to_model_input,
+                          transform_points, warp)
 from flm.images import load_image, to_rgb_uint8
 from flm.runtime.detectors import FaceDetector, WholeImageDetector, box_iou, make_detector
 from flm.runtime.modelfile import open_session, read_spec
@@ -336,8 +336,7 @@ class _Image:
 
     def crop(self, m: np.ndarray, size: int, bgr: bool) -> np.ndarray:
         """The crop `m` describes, channels in BGR order if `bgr`, else RGB (a view, not a copy)."""
-        c = warp(self.pixels, m, size)
-        return c[:, :, ::-1] if bgr != self.bgr else c
+        return swap_channels(warp(self.pixels, m, size), "BGR" if bgr else "RGB", "BGR" if self.bgr else "RGB")
 
 
 def _next_box(points: np.ndarray, previous: np.ndarray) -> np.ndarray:
