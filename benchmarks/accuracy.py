@@ -1,6 +1,6 @@
-"""Accuracy of flm's shipped model against the peers, on three validation sets, in one run.
+"""Accuracy of the models flm ships against the peers, on three validation sets, in one run.
 
-    python benchmarks/accuracy.py [--model flm/assets/flm-68.onnx ...] [--json benchmarks/results/accuracy.json]
+    python benchmarks/accuracy.py [--model flm/assets/flm-68.onnx ...] [--json benchmarks/results/accuracy.json] [--markdown]
 
 The sets (../shared/data), each held out exactly as `flm train --val split` holds it out:
   - youtube-faces-68: 15 % of the people (salted SHA-256 of the name, seed 0), inter-ocular NME
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from flm.geometry import YAW_BINS, landmark_box, nme, nme_summary, normaliser, yaw_bins  # noqa: E402
 from flm.pipeline.data import open_dataset  # noqa: E402  (torch-free)
+from flm.runtime.shipped import shipped_models  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # name -> (FORMAT:PATH, how its validation part is chosen, NME normaliser, detector variant?)
@@ -218,39 +219,53 @@ def systems_for(models: list[str]):
     return systems
 
 
-def print_tables(report: dict) -> None:
+def table_rows(entry: dict, res: dict) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) of one set and variant, best first (yaw-balanced NME for AFLW, else mean NME)."""
+    cols = ["system", "NME mean", "median", "FR 8%", "AUC 8%", "FR 10%", "AUC 10%", "missed"]
+    if entry["norm"] == "bbox":
+        cols[2:2] = [f"yaw {k}" for k in YAW_BINS] + ["yaw-balanced"]
+    key = "yaw_balanced_nme" if entry["norm"] == "bbox" else "nme_mean"
+    rows = []
+    for sys_name, r in sorted(res.items(), key=lambda kv: kv[1][key]):
+        row = [sys_name, f"{100 * r['nme_mean']:.2f} %", f"{100 * r['nme_median']:.2f} %",
+               f"{100 * r['failure_rate']:.1f} %", f"{r['auc']:.3f}", f"{100 * r['failure_rate_10']:.1f} %",
+               f"{r['auc_10']:.3f}", str(r["missed"])]
+        if entry["norm"] == "bbox":
+            row[2:2] = [f"{100 * v:.2f} %" for v in r["yaw_bins"].values()] + [f"{100 * r[key]:.2f} %"]
+        rows.append(row)
+    return cols, rows
+
+
+def print_tables(report: dict, markdown: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
     for name, entry in report["sets"].items():
         for variant, res in entry["variants"].items():
-            t = Table(title=f"{name}, {variant}: {entry['faces']} faces ({entry['held_out']}), NME {entry['norm']}")
-            cols = ["system", "NME mean", "median", "FR 8%", "AUC 8%", "FR 10%", "AUC 10%", "missed"]
-            if entry["norm"] == "bbox":
-                cols[2:2] = [f"yaw {k}" for k in YAW_BINS] + ["yaw-balanced"]
+            title = f"{name}, {variant}: {entry['faces']} faces ({entry['held_out']}), NME {entry['norm']}"
+            cols, rows = table_rows(entry, res)
+            t = Table(title=title)
             for c in cols:
                 t.add_column(c, justify="left" if c == "system" else "right")
-            key = "yaw_balanced_nme" if entry["norm"] == "bbox" else "nme_mean"
-            for sys_name, r in sorted(res.items(), key=lambda kv: kv[1][key]):
-                row = [sys_name, f"{100 * r['nme_mean']:.2f} %", f"{100 * r['nme_median']:.2f} %",
-                       f"{100 * r['failure_rate']:.1f} %", f"{r['auc']:.3f}", f"{100 * r['failure_rate_10']:.1f} %",
-                       f"{r['auc_10']:.3f}", str(r["missed"])]
-                if entry["norm"] == "bbox":
-                    row[2:2] = [f"{100 * v:.2f} %" for v in r["yaw_bins"].values()] + [f"{100 * r[key]:.2f} %"]
+            for row in rows:
                 t.add_row(*row)
             Console(width=200).print(t)
+            if markdown:
+                print(f"\n{title}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+                print("\n".join("| " + " | ".join(row) + " |" for row in rows))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", action="append", help="flm ONNX file (repeatable; default: the shipped model)")
+    ap.add_argument("--model", action="append", help="flm ONNX file (repeatable; default: every model flm ships)")
     ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="gt-box,detector")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/accuracy.json"))
+    ap.add_argument("--markdown", action="store_true", help="Also print the tables as Markdown (for the README).")
     args = ap.parse_args(argv)
 
-    systems = systems_for(args.model or [str(ROOT / "flm/assets/flm-68.onnx")])
+    systems = systems_for(args.model or [str(m.path) for m in shipped_models()])
     report = {"sets": {}}
     for name in args.sets.split(","):
         spec, how, norm, detector = SETS[name]
@@ -264,7 +279,7 @@ def main(argv=None):
                 continue
             entry["variants"][variant] = run(systems, ds, variant, norm)
         report["sets"][name] = entry
-    print_tables(report)
+    print_tables(report, args.markdown)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.json + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
