@@ -114,3 +114,33 @@ def test_stop_epoch_cuts_a_longer_schedule_where_an_interrupted_run_stopped(tmp_
     assert cut["history"][0]["val_nme"] == pytest.approx(full["history"][0]["val_nme"], rel=1e-5)
     one = train(small_cfg(tmp_path / "one", epochs=1), tr, va)
     assert one["history"][0]["lr"] != pytest.approx(cut["history"][0]["lr"])  # a 1-epoch schedule differs
+
+
+def test_build_options_travel_in_the_spec_through_checkpoint_and_export(tmp_path):
+    """A model built with non-default options (a narrow trunk and head) rebuilds the same network
+    from its checkpoint and from its ONNX file's spec alone; a checkpoint written before the spec
+    held the options (they sat beside it) still loads."""
+    from flm.exporters.onnx import export_onnx
+    from flm.runtime.modelfile import open_session, read_spec
+
+    model = build_model("shufflenet-heatmap", 64, {"width": 0.5, "head": [64, 32]})
+    assert model.spec.build == {"head": (64, 32), "width": 0.5} and model.out.in_channels == 32
+    path = save_checkpoint(tmp_path / "narrow.pt", model)
+    again = load_model(path)
+    assert again.spec.build == model.spec.build and again.out.in_channels == 32
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    onnx_path = export_onnx(again, tmp_path / "narrow.onnx")
+    from_file = read_spec(open_session(onnx_path, threads=1), str(onnx_path))
+    assert build_model(from_file.preset, spec=from_file).out.in_channels == 32
+    # a checkpoint of the older layout: options beside the spec, not in it
+    ck = torch.load(path, weights_only=True)
+    old_spec = json.loads(ck["spec"])
+    del old_spec["options"]
+    ck["spec"] = json.dumps(old_spec)
+    torch.save(ck, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt").spec.build == model.spec.build
+    # negative control: without the options anywhere, the default network cannot take these weights
+    del ck["options"]
+    torch.save(ck, tmp_path / "bare.pt")
+    with pytest.raises(ModelFileError, match="weights do not match"):
+        load_model(tmp_path / "bare.pt")
