@@ -119,7 +119,7 @@ def test_a_lost_face_is_found_again_on_the_same_frame_and_keeps_its_id(head):
     face = lm.detect_for_video(scene(head, [(100, 80)]), 0.0).faces[0]
     lm.detect_for_video(scene(head, [(100, 80)], seed=1), MS)
     assert haar.calls == 1
-    jump = int(0.7 * (face.box[2] - face.box[0]))  # its last crop now holds a fraction of the face
+    jump = int(0.9 * (face.box[2] - face.box[0]))  # its last crop now holds a sliver of the face
     faces = lm.detect_for_video(scene(head, [(100 + jump, 80)], seed=2), 2 * MS).faces
     assert haar.calls == 2  # lost: re-detected on this frame
     assert [f.track_id for f in faces] == [0]

@@ -87,15 +87,15 @@ class FaceLandmarkerOptions:
         validation sets (a tie goes to fewer passes), from `python benchmarks/defaults.py` with
         the shipped flm-68 (results: benchmarks/results/defaults.json); mean NME %, refine 0 / 1 / 2:
                    youtube held-out    300w held-out       aflw2000-3d-val     mean
-          app box  5.72 / 5.82 / 5.85  3.88 / 3.87 / 3.88  5.04 / 5.14 / 5.20  4.88 / 4.94 / 4.98
-          Haar     6.45 / 6.03 / 5.91  4.91 / 4.40 / 4.25  5.10 / 4.72 / 4.73  5.48 / 5.05 / 4.96
-          YuNet    5.89 / 5.88 / 5.89  3.96 / 3.89 / 3.90  5.58 / 5.58 / 5.60  5.14 / 5.12 / 5.13
+          app box  5.79 / 5.90 / 5.92  3.88 / 3.86 / 3.89  4.87 / 4.95 / 4.97  4.84 / 4.90 / 4.93
+          Haar     6.44 / 6.05 / 5.97  4.91 / 4.39 / 4.22  5.12 / 4.78 / 4.86  5.49 / 5.08 / 5.01
+          YuNet    5.95 / 5.96 / 5.97  3.98 / 3.87 / 3.89  5.41 / 5.40 / 5.42  5.11 / 5.08 / 5.09
         (567 / 301 / 198 faces; youtube and 300w inter-ocular, aflw2000 over the landmark box
         sqrt(w*h); app box = the tight box of the true landmarks; faces a detector missed, Haar
         25 / 29 / 74 and YuNet 0 / 0 / 1, are left out of its row). A pass helps a rough box
         and costs a little on a good one (the model's crop of its own landmark box is not the
-        exact box); for YuNet one pass beats none by only 0.02 %. The previous flm-68 (s8, youtube
-        data only) chose the same defaults (app box 5.45 / 5.67 / 5.83 %).
+        exact box); for YuNet one pass beats none by only 0.03 %. The two earlier flm-68 models
+        (s8, youtube data only; m2) chose the same defaults (s8 app box 5.45 / 5.67 / 5.83 %).
     threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     providers: onnxruntime execution providers (default: CPU).
     color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
@@ -128,15 +128,15 @@ class FaceLandmarkerOptions:
     track_min_quality: with tracking, a face whose quality (the mean per-point confidence, the
         heatmap peak probability; see `flm.runtime.tracking.track_quality`) falls below this is
         lost, and the detector runs on that frame to find it again (same track id if found near
-        where it was, the track ends if not). Measured with flm-68 on 218 held-out faces (every
-        4th of youtube-faces-68's and 300w-train's; `python benchmarks/stability.py --calibrate`,
-        benchmarks/results/stability-calibration.json): crops cut from the true landmark box
-        score 0.124 at the 0.5th percentile (median 0.139), a face rolled 12 deg and cropped 10 %
-        off, as a fast-moving face is, 0.120 (median 0.138); windows of the same size elsewhere
-        in the photo, without the face, 0.104 at the 95th percentile and 0.121 at the 99th
-        (median 0.060), faces half out of the image 0.109 at the 99th (median 0.071). 0.11 keeps
-        every face and drops 96 % of the empty windows and 99 % of the half-out faces in one
-        frame; it sits near the empty windows' high end because a face lost by mistake costs a
+        where it was, the track ends if not). Measured with the shipped flm-68 on 218 held-out
+        faces (every 4th of youtube-faces-68's and 300w-train's; `python benchmarks/stability.py
+        --calibrate`, benchmarks/results/stability-calibration.json): crops cut from the true
+        landmark box score 0.125 at the 0.5th percentile (median 0.138), a face rolled 12 deg and
+        cropped 10 % off, as a fast-moving face is, 0.120 (median 0.138); windows of the same size
+        elsewhere in the photo, without the face, 0.099 at the 95th percentile and 0.107 at the
+        99th (median 0.069), faces half out of the image 0.101 at the 99th (median 0.074). 0.11
+        keeps all but one of the 218 moved faces and drops 99.6 % of the empty windows and 99 %
+        of the half-out faces in one frame (the previous flm-68: 96 % and 99 %, the same 0.11); it sits near the empty windows' high end because a face lost by mistake costs a
         detector run (and its track, if the detector misses it), while a track kept on an empty
         crop is tested again on the next frame. A model with another heatmap size needs its
         own value; for a model without confidence (always 1.0) only a landmark box whose centre
