@@ -100,7 +100,7 @@ def train(
 
     cfg = config_from_options(ctx.params)
     if not ignore_budget:
-        _refuse_over_budget(model, img_size, width, budget)
+        _refuse_over_budget(model, img_size, width, cfg.head, budget)
     _train_progress(cfg)
 
 
@@ -177,12 +177,12 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> None:
     raise typer.Exit(proc.returncode)
 
 
-def _refuse_over_budget(model: str, img_size, width, budget: str) -> None:
+def _refuse_over_budget(model: str, img_size, width, head, budget: str) -> None:
     try:
         from flm.budgets import preset_fits
     except ImportError:  # budgets not installed in this build
         return
-    ok, message = preset_fits(model, img_size=img_size, width=width, budget=budget)
+    ok, message = preset_fits(model, img_size=img_size, width=width, budget=budget, head=head)
     if not ok:
         raise UsageError(message, example=f"flm train --model {model} --ignore-budget")
 

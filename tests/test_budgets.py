@@ -89,6 +89,10 @@ def test_preset_fits_says_what_would_fit():
     assert not ok and "--img-size 96 fits" in msg
     ok, msg = preset_fits("shufflenet-heatmap")
     assert ok and "10.72 MB" in msg
+    ok, msg = preset_fits("shufflenet-heatmap", head=[2000, 2000])  # the head counts too
+    assert not ok and "--head 2000,2000 needs 322.01 MB" in msg and "with the default head it fits" in msg
+    ok, msg = preset_fits("shufflenet-heatmap", width=0.5, head=[128, 96])  # flm-68-fast's network
+    assert ok and "3.06 MB" in msg  # one head (the checkpoint holds two: 3.08 MB)
 
 
 # --------------------------------------------------------------------------- checkpoints
