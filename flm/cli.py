@@ -25,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, check and generate landmark datasets.")
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
+SELECT_HELP = "The validation set (by name) whose NME picks best.pt, or 'mean' over all of them."
+NPROC_HELP = "Train in N processes on this machine (runs this command under torchrun; --batch-size is per process)."
 log = logging.getLogger("flm")
 
 
@@ -51,7 +53,7 @@ def train(
     val: Optional[list[str]] = typer.Option(None, "--val", help="FORMAT:PATH scored every epoch, or "
                                             "'split' (hold out 15 %% of the people / photos of every "
                                             "--data); repeatable; default: split."),
-    select: str = typer.Option("mean", "--select", help="Validation set (by name) picking best.pt, or 'mean'."),
+    select: str = typer.Option("mean", "--select", help=SELECT_HELP),
     heads: bool = typer.Option(True, "--heads/--one-head", help="One output head per annotation "
                                "convention (each --data folder name) when the sources follow several."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run the stages of a recipe TOML "
@@ -89,7 +91,7 @@ def train(
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad samples instead of stopping."),
     synthetic_n: int = typer.Option(1200, "--synthetic-n", help="Faces in the default synthetic set."),
-    nproc: int = typer.Option(1, "--nproc", help="Train in N processes here (torchrun; --batch-size per process)."),
+    nproc: int = typer.Option(1, "--nproc", help=NPROC_HELP),
 ):
     """Train a landmark model; writes best.pt, last.pt, metrics.jsonl and PNG reports to --out."""
     if recipe is not None:
@@ -236,10 +238,17 @@ def _evaluation_table(checkpoint, results: list[dict], threshold: float) -> Tabl
     return t
 
 
+def _budget_help() -> str:
+    try:
+        from flm.budgets import budget_names
+    except ImportError:  # budgets not installed in this build
+        return "Budget for the 'fits' column."
+    return f"Budget for the 'fits' column: {', '.join(budget_names())}."
+
+
 @app.command()
 def models(
-    budget: str = typer.Option("challenge-15mb", "--budget", "-b", help="Budget for the 'fits' column "
-                               "(see flm check-budget --help)."),
+    budget: str = typer.Option("challenge-15mb", "--budget", "-b", help=_budget_help()),
     shipped: bool = typer.Option(False, "--shipped", help="List the trained models flm ships instead (their "
                                  "names work as FaceLandmarker.create(NAME) and flm detect --model NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout instead of a table."),

@@ -168,11 +168,10 @@ def preset_footprint(model: str, img_size: int | None = None, width: float | Non
     for ResNet-18)."""
     import torch
 
-    from flm.pipeline.models import build_model
+    from flm.pipeline.models import build_model, preset_options
 
-    options = {k: v for k, v in (("width", width), ("head", head)) if v is not None}
     with torch.device("meta"):
-        module = build_model(model, img_size, options)
+        module = build_model(model, img_size, preset_options(width, head))
     params = sum(p.numel() for p in module.parameters())
     buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
     return params, FLOAT32_BYTES * (params + buffers)

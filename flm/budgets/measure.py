@@ -202,9 +202,9 @@ def measure_module(module, target: str, kind: str = "preset") -> Measurement:
 def measure_preset(name: str, img_size: int | None = None, width: float | None = None) -> Measurement:
     """A preset at its default config, built on CPU with its initial (random, non-zero) weights."""
     _import_torch("a preset")
-    from flm.pipeline.models import build_model
+    from flm.pipeline.models import build_model, preset_options
 
-    module = build_model(name, img_size, {"width": width} if width is not None else None)
+    module = build_model(name, img_size, preset_options(width))
     m = measure_module(module, name, "preset")
     m.notes.append("preset at its default configuration, freshly initialised")
     return m

@@ -196,6 +196,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 DEFAULT_PRESET = "shufflenet-heatmap"
 
 
+def preset_options(width: float | None = None, head=None) -> dict:
+    """The build options a user set (`--width`, `--head`); the others keep the preset's defaults."""
+    return {k: v for k, v in (("width", width), ("head", head)) if v is not None}
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise UsageError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}",

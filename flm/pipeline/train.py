@@ -42,7 +42,7 @@ from flm.pipeline.data import LandmarkDataset, Source, open_sources
 from flm.pipeline.evaluate import (CropDataset, head_of, mean_shape_baseline, point_subset,
                                    predict_crops, yaw_bin_masks)
 from flm.pipeline.reports import write_training_reports
-from flm.pipeline.models import LandmarkModel, build_model, count_parameters, get_preset
+from flm.pipeline.models import LandmarkModel, build_model, count_parameters, get_preset, preset_options
 
 log = logging.getLogger("flm")
 
@@ -78,7 +78,7 @@ class TrainConfig:
 
     def preset_options(self) -> dict:
         """The preset options this config sets (the others keep the preset's defaults)."""
-        return {k: v for k, v in (("width", self.width), ("head", self.head)) if v is not None}
+        return preset_options(self.width, self.head)
 
 
 def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: float, aug_pose: float,
