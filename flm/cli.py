@@ -54,8 +54,10 @@ def train(
                                             "'split' (hold out 15 %% of the people / photos of every "
                                             "--data); repeatable; default: split."),
     select: str = typer.Option("mean", "--select", help=SELECT_HELP),
-    heads: bool = typer.Option(True, "--heads/--one-head", help="One output head per annotation "
-                               "convention (each --data folder name) when the sources follow several."),
+    heads: bool = typer.Option(True, "--heads/--one-head", help="One output head per annotation convention "
+                               "(each --data folder name) when the sources follow several."),
+    gate: bool = typer.Option(False, "--gate", help="With --heads: also learn which convention a face's "
+                              "source follows, and answer in it (the heads blended by the gate's probabilities)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run the stages of a recipe TOML "
                                           "(resumes a stage left unfinished); other options are ignored."),
     val_fraction: float = typer.Option(0.15, help="Fraction of identities held out by --val split."),
@@ -76,16 +78,14 @@ def train(
     aug_flip: float = typer.Option(0.5, "--aug-flip", help="Probability of a horizontal flip (0 for data "
                                    "whose left/right annotations are not mirror-consistent)."),
     aug_strength: float = typer.Option(1.0, "--aug-strength", help="Scale of rotation and the photometric "
-                                       "augmentation (colour, grey, blur, noise, erasing): 0 none, 1 the "
-                                       "defaults."),
-    aug_crop: float = typer.Option(1.0, "--aug-crop", help="Scale of the crop jitter (box edges, zoom, "
-                                   "shift), which stands for a face detector's box error: 0 none, 1 the "
-                                   "defaults."),
+                                       "augmentation (colour, grey, blur, noise, erasing): 0 none, 1 the defaults."),
+    aug_crop: float = typer.Option(1.0, "--aug-crop", help="Scale of the crop jitter (box edges, zoom, shift), "
+                                   "which stands for a face detector's box error: 0 none, 1 the defaults."),
     aug_flip_for: Optional[list[str]] = typer.Option(None, "--aug-flip-for", help="NAME=P: flip probability "
                                                      "for the faces of one convention (a --data folder name), "
                                                      "e.g. 300w-train=0.5 beside --aug-flip 0; repeatable."),
-    aug_pose: float = typer.Option(0.0, "--aug-pose", help="Probability of turning a face out of plane "
-                                   "(a generic 3-D face fitted to its points, up to --aug-pose-yaw degrees)."),
+    aug_pose: float = typer.Option(0.0, "--aug-pose", help="Probability of turning a face out of plane (a generic "
+                                   "3-D face fitted to its points, up to --aug-pose-yaw degrees)."),
     aug_pose_yaw: float = typer.Option(50.0, "--aug-pose-yaw", help="Largest added yaw of --aug-pose, degrees."),
     budget: str = typer.Option("challenge-15mb", help="Refuse presets that cannot fit this budget."),
     ignore_budget: bool = typer.Option(False, "--ignore-budget", help="Train even if the preset exceeds --budget."),

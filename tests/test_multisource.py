@@ -146,7 +146,7 @@ def test_each_face_is_scored_by_the_head_of_its_convention():
     assert len(m.heads) == 2
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        y = m.features(x)
+        y, _ = m.features(x)
         picked = m(x, torch.tensor([2, 0, 1]))
         torch.testing.assert_close(picked[0], m.heads[1](y)[0])
         torch.testing.assert_close(picked[1], m.out(y)[1])

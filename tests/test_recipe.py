@@ -24,18 +24,19 @@ def test_the_shipped_models_recipe_reads_and_chains_its_stages():
     assert (cfg["s2"].epochs, cfg["s2"].stop_epoch) == (15, 1) and cfg["m2"].flip_for == {"300w-train": 0.5}
     assert cfg["s8"].init == str(base / "s7" / "best.pt") and cfg["s8"].augment.box_jitter == pytest.approx(0.025)
     last = stages[-1][1]
-    assert names[-1] == "m3" and last.init == str(base / "m2" / "best.pt")
+    assert names[-1] == "m4" and last.init == str(base / "m3" / "best.pt") and last.gate
     assert len(last.data) == 2 and last.augment.pose == pytest.approx(0.6) and "split" in last.val
 
 
 def test_the_fast_models_recipe_builds_its_narrow_network():
     base, stages = load_recipe(REPO / "recipes" / "flm-68-fast.toml")
-    assert [n for n, _ in stages] == ["f1", "f2", "f3"] and base == Path("runs/flm-68-fast")
+    assert [n for n, _ in stages] == ["f1", "f2", "f3", "f4"] and base == Path("runs/flm-68-fast")
     cfg = dict(stages)
     assert (cfg["f1"].epochs, cfg["f1"].stop_epoch) == (40, 2) and cfg["f3"].init == str(base / "f2" / "best.pt")
     model = build_model(cfg["f3"].model, cfg["f3"].img_size, cfg["f3"].preset_options())
     assert model.spec.input_size == 160 and model.spec.build == {"head": (128, 96), "width": 0.5}
     assert model.out.in_channels == 96 and 700_000 < count_parameters(model) < 800_000
+    assert cfg["f4"].gate and not cfg["f3"].gate and cfg["f4"].init == str(base / "f3" / "best.pt")
 
 
 @pytest.mark.parametrize("text, words", [

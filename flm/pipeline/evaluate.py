@@ -58,9 +58,10 @@ def point_subset(spec: ModelSpec, ds: LandmarkDataset):
 
 
 def head_of(conventions: tuple[str, ...], convention: str | None) -> int | None:
-    """Index of the output head that follows `convention`, None for the first (the default output)
-    and for conventions the model did not learn."""
-    return conventions.index(convention) if convention in conventions[1:] else None
+    """Index of the output head that follows `convention`; None (the model's default output: its
+    only head, or a gated model's blend) for a model of one convention and for conventions it did
+    not learn."""
+    return conventions.index(convention) if len(conventions) > 1 and convention in conventions else None
 
 
 @torch.no_grad()
@@ -156,8 +157,9 @@ def evaluate_sets(model, data: list[str], *, norm: str = "auto", threshold: floa
         ds = drop_undecodable(open_dataset(text, skip_bad=skip_bad), skip_bad).mapped(model.spec.scheme)
         if split != "all":
             ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
-        head = head_of(conventions, Source.parse(text).convention if convention == "auto" else convention)
+        gated = convention == "auto" and model.spec.build.get("gate")  # auto: what the gated model answers
+        head = None if gated else head_of(conventions, Source.parse(text).convention if convention == "auto" else convention)
         result = evaluate(model, ds, norm=ds.norm if norm == "auto" else norm, threshold=threshold, head=head)
-        result["convention"] = (conventions or ("",))[head or 0]
+        result["convention"] = "gate" if gated else (conventions or ("",))[head or 0]
         results.append(result)
     return results

@@ -65,7 +65,7 @@ class ShuffleNetHeatmap(LandmarkModel):
     that deconvolving stride-32 features alone lacks; they cost ~60 k parameters.
     """
 
-    def __init__(self, spec: ModelSpec, width: float = 1.0, head=(192, 128)):
+    def __init__(self, spec: ModelSpec, width: float = 1.0, head=(192, 128), gate: bool = False):
         super().__init__()
         self.spec = spec
         c = SHUFFLE_WIDTHS[width]
@@ -79,22 +79,36 @@ class ShuffleNetHeatmap(LandmarkModel):
         self.out = nn.Conv2d(head[1], spec.num_points, 1)
         # one more 1x1 heatmap head per further annotation convention (spec.conventions[1:])
         self.heads = nn.ModuleList(nn.Conv2d(head[1], spec.num_points, 1) for _ in spec.conventions[1:])
+        # With several conventions, optionally a gate: which convention the face's source follows,
+        # told from the trunk's pooled features (stride 8 to 32: the stride-8 ones carry how sharp
+        # and how compressed the photo is); the model then answers in a blend of its heads.
+        # (Its BatchNorm keeps a plain average of the batches' statistics, with no trace of its init.)
+        pooled = c[1] + c[2] + c[3]
+        self.gate = (nn.Sequential(nn.BatchNorm1d(pooled, momentum=None), nn.Linear(pooled, len(spec.conventions)))
+                     if gate and len(spec.conventions) > 1 else None)
 
     def features(self, x):
+        """(the heads' input features, the trunk's pooled features the gate reads)."""
         s2 = self.stage2(self.stem(x))
         s3 = self.stage3(s2)
         s4 = self.stage4(s3)
         y = torch.relu(self.up1(s4) + self.skip3(s3))
-        return torch.relu(self.up2(y) + self.skip2(s2))
+        pooled = torch.cat([s4.mean(dim=(2, 3)), s3.mean(dim=(2, 3)), s2.mean(dim=(2, 3))], dim=1)
+        return torch.relu(self.up2(y) + self.skip2(s2)), pooled
 
-    def forward(self, x, head=None):
-        """Heatmap logits of the first convention's head, or with `head` (N,) the head of each face's
-        convention (training on several conventions at once)."""
-        y = self.features(x)
-        if head is None or not len(self.heads):
+    def forward(self, x, head=None, with_gate: bool = False):
+        """Heatmap logits: of the first convention's head (or, for a gated model, the gate's blend of
+        every head, see `_blend`), or with `head` (N,) of each face's own convention (training on
+        several conventions at once); `with_gate` adds the gate's logits, computed on detached
+        features so that learning to tell the sources apart leaves the landmarks alone."""
+        y, pooled = self.features(x)
+        if head is None and self.gate is None or not len(self.heads):
             return self.out(y)
         every = torch.stack([self.out(y), *(h(y) for h in self.heads)], dim=1)  # (N, S, K, h, w)
-        return every[torch.arange(len(x), device=x.device), head]
+        if head is None:
+            return _blend(every, self.gate(pooled))
+        raw = every[torch.arange(len(x), device=x.device), head]
+        return (raw, self.gate(pooled.detach())) if with_gate else raw
 
     def convention_head(self, name: str) -> nn.Conv2d:
         """The output layer of convention `name` (KeyError naming the known ones)."""
@@ -103,6 +117,17 @@ class ShuffleNetHeatmap(LandmarkModel):
             raise KeyError(f"no convention {name!r}; this model has {', '.join(names)}")
         i = names.index(name)
         return self.out if i == 0 else self.heads[i - 1]
+
+
+def _blend(every: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """Log of the heads' heatmap distributions mixed by the gate's probabilities: soft-argmax of
+    it is the gate-weighted mean of the heads' soft-argmax points (the expectation is linear in
+    the distribution), so decoding, export and confidence work on it unchanged. The 1e-30 keeps
+    cells that underflowed finite."""
+    n, s, k, h, w = every.shape
+    p = torch.softmax(every.reshape(n, s, k, h * w), dim=-1)
+    mix = (torch.softmax(gate_logits, dim=1).reshape(n, s, 1, 1) * p).sum(dim=1)
+    return torch.log(mix + 1e-30).reshape(n, k, h, w)
 
 
 class BasicBlock(nn.Module):
@@ -177,8 +202,9 @@ def _spec(preset, points, scheme, size, channels, output, heatmap_stride=None) -
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("shufflenet-heatmap", "ShuffleNetV2 x1.0 trunk (no conv5), 2-deconv head, soft-argmax (default)",
-           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0), head=tuple(o.get("head", (192, 128)))),
-           _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width", "head")),
+           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0), head=tuple(o.get("head", (192, 128))),
+                                          gate=bool(o.get("gate", False))),
+           _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width", "head", "gate")),
     Preset("resnet-regressor", "grayscale ResNet-18 layout at 1/2 width, coordinate head (fits 15 MB)",
            lambda s, o: ResNetRegressor(s, widths=tuple(int(w * o.get("width", 0.5)) for w in (64, 128, 256, 512))),
            _spec("resnet-regressor", 68, "ibug68", 128, 1, "coords"), ("width",)),
@@ -196,9 +222,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 DEFAULT_PRESET = "shufflenet-heatmap"
 
 
-def preset_options(width: float | None = None, head=None) -> dict:
-    """The build options a user set (`--width`, `--head`); the others keep the preset's defaults."""
-    return {k: v for k, v in (("width", width), ("head", head)) if v is not None}
+def preset_options(width: float | None = None, head=None, gate: bool = False) -> dict:
+    """The build options a user set (`--width`, `--head`, `--gate`); the others keep the preset's defaults."""
+    return {k: v for k, v in (("width", width), ("head", head), ("gate", gate or None)) if v is not None}
 
 
 def get_preset(name: str) -> Preset:
@@ -243,9 +269,12 @@ def single_convention(model: LandmarkModel, name: str | None = None) -> Landmark
     if name is not None and name not in names:
         raise UsageError(f"--convention {name!r}: this model learnt {', '.join(names) or 'one convention'}",
                          example=f"flm export best.pt --convention {names[0] if names else ''}")
+    if name is None and getattr(model, "gate", None) is not None:
+        return model  # a gated model's output is its blend of every head
     name = name or names[0]
-    one = build_model(model.spec.preset, spec=model.spec.with_(conventions=(name,)))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("out.", "heads."))}
+    options = build_options({k: v for k, v in model.spec.build.items() if k != "gate"})
+    one = build_model(model.spec.preset, spec=model.spec.with_(conventions=(name,), options=options))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("out.", "heads.", "gate."))}
     state.update({f"out.{k}": v for k, v in model.convention_head(name).state_dict().items()})
     one.load_state_dict(state)
     return one.train(model.training)

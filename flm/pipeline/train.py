@@ -62,6 +62,7 @@ class TrainConfig:
     img_size: int | None = None
     width: float | None = None
     head: list[int] | None = None  # heatmap head channels (two deconvolutions), for presets that have one
+    gate: bool = False  # with several conventions: learn which one a face's source follows, answer in it
     out: str = "runs/train"
     device: str = "auto"
     seed: int = 0
@@ -78,7 +79,7 @@ class TrainConfig:
 
     def preset_options(self) -> dict:
         """The preset options this config sets (the others keep the preset's defaults)."""
-        return preset_options(self.width, self.head)
+        return preset_options(self.width, self.head, self.gate)
 
 
 def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: float, aug_pose: float,
@@ -116,7 +117,7 @@ def config_from_options(options: dict) -> TrainConfig:
     augment = AugmentConfig.from_options(o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"],
                                          o["aug_pose_yaw"])
     plain = {k: o[k] for k in ("model", "select", "heads", "val_fraction", "batch_size", "lr", "img_size", "width",
-                               "device", "seed", "workers", "max_steps", "skip_bad") if k in o}
+                               "device", "seed", "workers", "max_steps", "skip_bad", "gate") if k in o}
     return TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
                        val=list(o.get("val") or ["split"]), epochs=o.get("epochs") or (30 if o.get("data") else 4),
                        head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
@@ -299,11 +300,14 @@ def _head_prefix(conventions, name: str) -> str:
 
 def _init_state(ck: dict, model: LandmarkModel) -> dict:
     """The checkpoint's weights with output heads matched to this model's conventions by name; a
-    convention the checkpoint lacks starts from its first head."""
+    convention the checkpoint lacks starts from its first head. A gate comes from a checkpoint of
+    the same conventions, else starts afresh."""
     if not hasattr(model, "heads"):
         return ck["state_dict"]
     src_conv = tuple(json.loads(ck["spec"]).get("conventions") or ())
-    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(("out.", "heads."))}
+    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(("out.", "heads.", "gate."))}
+    gate = ck["state_dict"] if src_conv == model.spec.conventions else {}  # a gate fits its own conventions only
+    sd.update({k: gate.get(k, v) for k, v in model.state_dict().items() if k.startswith("gate.")})
     for name in model.spec.conventions or ("",):
         src, dst = _head_prefix(src_conv, name), _head_prefix(model.spec.conventions, name)
         sd.update({dst + k[len(src):]: v for k, v in ck["state_dict"].items() if k.startswith(src)})
@@ -407,8 +411,13 @@ def _loader(cfg: TrainConfig, spec, sources, conventions, rank: int, world: int)
 
 
 def _optimiser(cfg: TrainConfig, model, total: int):
-    """AdamW with a linear warm-up into a cosine decay over `total` steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW with a linear warm-up into a cosine decay over `total` steps; a gate (a linear classifier
+    on detached features, see `ShuffleNetHeatmap`) learns at 10x the rate, so that a short fine-tune
+    of a trained model is enough for it."""
+    gate = [p for n, p in model.named_parameters() if n.startswith("gate.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("gate.")]
+    groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * 10}] if gate else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = min(200, total // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -469,6 +478,17 @@ def _resume(run: _Run, path: str) -> None:
     log.info("resumed from %s at epoch %d step %d", path, run.epoch + 1, run.start_step)
 
 
+def _step_loss(run: _Run, x, target, heads) -> torch.Tensor:
+    """The landmark loss of a batch (each face through its convention's head), plus the gate's
+    cross-entropy on the faces' conventions for a gated model."""
+    if heads is None:
+        return landmark_loss(run.model, run.net(x), target, run.cfg)
+    if getattr(run.model, "gate", None) is None:
+        return landmark_loss(run.model, run.net(x, heads), target, run.cfg)
+    raw, gate = run.net(x, heads, with_gate=True)
+    return landmark_loss(run.model, raw, target, run.cfg) + F.cross_entropy(gate, heads)
+
+
 def _train_epoch(run: _Run, loader, head_of_face, conventions, stop, progress) -> tuple[list, int, float, str | None]:
     """One epoch (from `run.start_step`): (losses, steps done, seconds waiting for data, why it stopped early)."""
     cfg, device = run.cfg, run.device
@@ -476,8 +496,7 @@ def _train_epoch(run: _Run, loader, head_of_face, conventions, stop, progress) -
     for x, target, i in loader:
         data_s += time.perf_counter() - waiting  # time this step waited for the loader
         x, target = x.to(device), target.to(device)
-        raw = run.net(x, head_of_face[i].to(device)) if conventions else run.net(x)
-        loss = landmark_loss(run.model, raw, target, cfg)
+        loss = _step_loss(run, x, target, head_of_face[i].to(device) if conventions else None)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at epoch {run.epoch + 1} step {step + 1}; "
                                 f"stopped. {_last_good(run.out)} Try a lower --lr.")
@@ -603,12 +622,24 @@ def _log_start(run: _Run, vals: list[ValSet]) -> None:
                  f" x {run.world} processes" if run.world > 1 else "")
 
 
+def _scored_conventions(cfg: TrainConfig, sources) -> tuple[str, ...]:
+    """The conventions whose heads score the validation sets: none for a gated model (its blend
+    is scored, as it ships), which needs sources of two or more conventions."""
+    conventions = conventions_of(cfg, sources)
+    if cfg.gate and not conventions:
+        raise UsageError("--gate picks between the heads of several annotation conventions; these sources "
+                         f"follow one ({', '.join(dict.fromkeys(src.convention for src, _ in sources))}) or --one-head "
+                         "is set", example="flm train --data udacity:A --data ibug-pts:B --gate")
+    return () if cfg.gate else conventions
+
+
 def validation_sets(cfg: TrainConfig, sources, scheme: str):
     """(training sources, validation sets). `--val split` holds out whole people / photos of every
     source that names them (15 %: `LandmarkDataset.split_by_identity`), each scored by the head of
-    its own convention; any other `--val FORMAT:PATH` is scored whole, by the head of the
-    convention of the same name or else the default output. Without `split` the sources train whole."""
-    conventions = conventions_of(cfg, sources)
+    its own convention (a gated model: by its blend, as it ships); any other `--val FORMAT:PATH` is
+    scored whole, by the head of the convention of the same name or else the default output.
+    Without `split` the sources train whole."""
+    conventions = _scored_conventions(cfg, sources)
     vals, kept = [], sources
     for text in cfg.val:
         if text == "split":

@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -215,8 +216,15 @@ class Face:
     landmarks: np.ndarray
     detection_box: np.ndarray
     confidence: np.ndarray | None = None
-    pose: HeadPose | None = None
     track_id: int | None = None
+    pose_image_shape: tuple | None = field(default=None, repr=False)  # the image `pose` is solved in; None: no pose
+
+    @cached_property
+    def pose(self) -> HeadPose | None:
+        """Head pose from the 68 landmarks (None for other models or with `FaceLandmarkerOptions.pose`
+        off), solved on first use and kept: a PnP solve costs about a fifth of the fast model's run,
+        so a caller who never reads it does not pay for it."""
+        return None if self.pose_image_shape is None else head_pose(self.landmarks, self.pose_image_shape)
 
     def to_dict(self) -> dict:
         d = {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 4),
@@ -502,8 +510,8 @@ class FaceLandmarker:
         return pts, conf, lm_boxes
 
     def _face(self, shape, box, score, points, detection_box, confidence, track_id=None) -> Face:
-        pose = head_pose(points, shape) if (self.options.pose and self.spec.num_points == 68) else None
-        return Face(box, float(score), points, detection_box, confidence, pose, track_id)
+        pose = shape[:2] if (self.options.pose and self.spec.num_points == 68) else None
+        return Face(box, float(score), points, detection_box, confidence, track_id, pose_image_shape=pose)
 
     # ------------------------------------------------------------------ public API
 
