@@ -198,8 +198,8 @@ def evaluate(
     threshold: float = typer.Option(0.08, help="Failure threshold (NME fraction) and CED/AUC limit; "
                                     "10 %% is always reported beside it."),
     convention: str = typer.Option("auto", help="Which output head of a model of several annotation "
-                                   "conventions: auto (the head named like the set's folder, else the "
-                                   "first) or a convention's name."),
+                                   "conventions: auto (a gated model's own answer; else the head named like "
+                                   "the set's folder, else the first) or a convention's name."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON."),
     ced: Optional[Path] = typer.Option(None, "--ced", help="Write the CED curve of the first set as PNG."),
     skip_bad: bool = typer.Option(False, "--skip-bad"),

@@ -34,16 +34,19 @@ def _gated(conventions=("a", "b"), size=64, seed=0):
 
 def test_a_gated_model_answers_in_the_gate_weighted_blend_of_its_heads():
     m = _gated()
+    x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
-        x = torch.randn(4, 3, 64, 64)
         y, pooled = m.features(x)
         w = torch.softmax(m.gate(pooled), dim=1)
-        a, b = m.decode(m.out(y)), m.decode(m.heads[0](y))
+        a, b = m.out(y), m.heads[0](y)
         got = m.decode(m(x))
-    want = w[:, 0, None, None] * a + w[:, 1, None, None] * b
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
-    assert 0.05 < float(w[:, 0].min()) and float(w[:, 0].max()) < 0.95  # a blend, not one head
-    assert (got - a).abs().max() > 1 and (got - b).abs().max() > 1  # so the check above can fail
+        want = m.decode(w[:, 0, None, None, None] * a + w[:, 1, None, None, None] * b)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert 0.05 < float(w[:, 0].min()) and float(w[:, 0].max()) < 0.95  # a blend, not one head
+        assert (got - m.decode(a)).abs().max() > 1 and (got - m.decode(b)).abs().max() > 1  # the check can fail
+        for k, head in enumerate((a, b)):  # a sure gate: exactly that head's answer
+            m.gate[1].bias.copy_(torch.tensor([30.0, 0.0] if k == 0 else [0.0, 30.0]))
+            torch.testing.assert_close(m.decode(m(x)), m.decode(head), atol=1e-4, rtol=0)
 
 
 def test_one_convention_of_a_gated_model_is_that_head_alone_without_the_gate():

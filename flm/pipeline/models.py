@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.shufflenetv2 import ShuffleNetV2
 
 from flm.errors import UsageError
@@ -104,11 +105,16 @@ class ShuffleNetHeatmap(LandmarkModel):
         y, pooled = self.features(x)
         if head is None and self.gate is None or not len(self.heads):
             return self.out(y)
-        every = torch.stack([self.out(y), *(h(y) for h in self.heads)], dim=1)  # (N, S, K, h, w)
         if head is None:
-            return _blend(every, self.gate(pooled))
-        raw = every[torch.arange(len(x), device=x.device), head]
+            return _blend([h(y) for h in (self.out, *self.heads)], self.gate(pooled))
+        raw = self._every_head(y)[torch.arange(len(x), device=x.device), head]
         return (raw, self.gate(pooled.detach())) if with_gate else raw
+
+    def _every_head(self, y):
+        """(N, S, K, h, w) logits of every head, as one convolution (training: a head per face)."""
+        heads = (self.out, *self.heads)
+        every = F.conv2d(y, torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads]))
+        return every.reshape(-1, len(heads), self.spec.num_points, *every.shape[2:])
 
     def convention_head(self, name: str) -> nn.Conv2d:
         """The output layer of convention `name` (KeyError naming the known ones)."""
@@ -119,15 +125,16 @@ class ShuffleNetHeatmap(LandmarkModel):
         return self.out if i == 0 else self.heads[i - 1]
 
 
-def _blend(every: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
-    """Log of the heads' heatmap distributions mixed by the gate's probabilities: soft-argmax of
-    it is the gate-weighted mean of the heads' soft-argmax points (the expectation is linear in
-    the distribution), so decoding, export and confidence work on it unchanged. The 1e-30 keeps
-    cells that underflowed finite."""
-    n, s, k, h, w = every.shape
-    p = torch.softmax(every.reshape(n, s, k, h * w), dim=-1)
-    mix = (torch.softmax(gate_logits, dim=1).reshape(n, s, 1, 1) * p).sum(dim=1)
-    return torch.log(mix + 1e-30).reshape(n, k, h, w)
+def _blend(logits: list[torch.Tensor], gate_logits: torch.Tensor) -> torch.Tensor:
+    """The heads' heatmap logits weighted by the gate's probabilities (a geometric mixture of their
+    distributions): with a sure gate the answer is that head's, in between it moves from one
+    head's points towards the other's. Measured as accurate as mixing the heads' points on the
+    validation sets (the model card), and cheaper: a multiply-add per head, nothing to renormalise."""
+    w = torch.softmax(gate_logits, dim=1)
+    raw = logits[0] * w[:, 0].reshape(-1, 1, 1, 1)
+    for s in range(1, len(logits)):
+        raw = raw + logits[s] * w[:, s].reshape(-1, 1, 1, 1)
+    return raw
 
 
 class BasicBlock(nn.Module):
