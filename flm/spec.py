@@ -23,7 +23,7 @@ SPEC_FORMAT = "flm-spec/1"
 INPUT = "input"  # float32 [N, C, S, S], normalised as `flm.geometry.to_model_input` does
 LANDMARKS = "landmarks"  # [N, K, 2] model-input pixels
 HEATMAPS = "heatmaps"  # [N, K, h, w] logits (heatmap models)
-CONFIDENCE = "confidence"  # [N, K] per point: used by the runtime when a file has it (flm writes none)
+CONFIDENCE = "confidence"  # [N, K] per point: heatmap models' peak probability; the runtime reads it when present
 
 # Landmark schemes flm knows, with the indices apps and metrics rely on.
 SCHEMES: dict[str, dict] = {

@@ -16,7 +16,7 @@ from flm.exporters.mil_eval import MilEvalError, MilProgram, UnsupportedOp
 from flm.exporters.parity import MAX_DISPLACEMENT_PX, make_inputs
 from flm.pipeline.checkpoint import load_model
 from flm.pipeline.models import PRESETS
-from flm.spec import SPEC_METADATA_KEY, ModelSpec
+from flm.spec import CONFIDENCE, SPEC_METADATA_KEY, ModelSpec
 
 from tests.helpers.checkpoints import randomised_model
 
@@ -35,7 +35,7 @@ def test_every_preset_exports_and_matches_pytorch(tmp_path, preset, random_check
     if sys.platform != "darwin":
         assert report.runner.startswith(REFERENCE)
     names = [o.name for o in report.outputs]
-    assert names == ([LANDMARKS, HEATMAPS] if PRESETS[preset].spec.output == "heatmap" else [LANDMARKS])
+    assert names == ([LANDMARKS, HEATMAPS, CONFIDENCE] if PRESETS[preset].spec.output == "heatmap" else [LANDMARKS])
     assert sorted(p.name for p in final.parent.iterdir()) == ["model.mlpackage"]
 
 

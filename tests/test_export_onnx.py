@@ -17,7 +17,7 @@ from flm.exporters.commands import export_target
 from flm.exporters.parity import MAX_DISPLACEMENT_PX, make_inputs
 from flm.pipeline.checkpoint import load_model
 from flm.pipeline.models import PRESETS
-from flm.spec import SPEC_METADATA_KEY, ModelSpec
+from flm.spec import CONFIDENCE, SPEC_METADATA_KEY, ModelSpec
 
 ONNX = TARGETS["onnx"]
 
@@ -48,7 +48,7 @@ def test_every_preset_exports_and_matches_pytorch(exports, preset):
     assert report.displacement_px <= MAX_DISPLACEMENT_PX
     assert report.runner.startswith("onnxruntime") and report.path == str(final)
     names = [o.name for o in report.outputs]
-    assert names == ([LANDMARKS, HEATMAPS] if PRESETS[preset].spec.output == "heatmap" else [LANDMARKS])
+    assert names == ([LANDMARKS, HEATMAPS, CONFIDENCE] if PRESETS[preset].spec.output == "heatmap" else [LANDMARKS])
     # published atomically: only the final file, no temporaries, no failed copy, no external data
     assert sorted(p.name for p in final.parent.iterdir()) == ["model.onnx"]
 
@@ -59,7 +59,7 @@ def test_file_carries_spec_names_and_dynamic_batch(exports):
     meta = {p.key: p.value for p in proto.metadata_props}
     spec = ModelSpec.from_json(meta[SPEC_METADATA_KEY])
     assert spec == load_model(ckpt).spec
-    assert json.loads(meta["flm.outputs"]) == [LANDMARKS, HEATMAPS]
+    assert json.loads(meta["flm.outputs"]) == [LANDMARKS, HEATMAPS, CONFIDENCE]
     assert meta["author"] == "flm" and meta["licence"] and meta["training_data"]
     assert [i.name for i in proto.graph.input] == [INPUT]
     for value in [*proto.graph.input, *proto.graph.output]:
@@ -110,3 +110,41 @@ def test_opset_below_18_is_refused_before_any_work(tmp_path, capsys, random_chec
     assert main(["export", str(ckpt), "--target", "onnx", "--opset", "17", "--out", str(tmp_path / "x")]) == 2
     assert "--opset 17" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_confidence_is_each_points_heatmap_peak_probability_and_the_runtime_reads_it(exports):
+    """The in-graph `confidence` is what the runtime used to compute from the heatmaps itself."""
+    import onnxruntime as ort
+
+    from flm.runtime.landmarker import FaceLandmarker, heatmap_confidence
+
+    _, final, _ = exports("shufflenet-heatmap")
+    sess = ort.InferenceSession(str(final), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).normal(0, 1, (3, *sess.get_inputs()[0].shape[1:])).astype(np.float32)
+    hm, conf = sess.run([HEATMAPS, CONFIDENCE], {INPUT: x})
+    np.testing.assert_allclose(conf, heatmap_confidence(hm), rtol=1e-4, atol=1e-6)
+    assert conf.std() > 1e-3  # points differ, so the comparison above can fail
+    lm = FaceLandmarker.create(str(final))
+    assert lm._has_confidence and not lm._extra_heatmaps  # no heatmap fetched at run time
+
+
+def test_a_file_written_before_the_confidence_output_still_opens_and_tracks(exports, tmp_path):
+    import onnxruntime as ort
+
+    from flm.exporters.onnx import open_onnx
+    from flm.runtime.landmarker import FaceLandmarker
+
+    _, final, _ = exports("shufflenet-heatmap")
+    proto = onnx.load(str(final))
+    assert [o.name for o in proto.graph.output] == [LANDMARKS, HEATMAPS, CONFIDENCE]
+    del proto.graph.output[2]  # an older flm file: landmarks and heatmaps only
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    assert [o.name for o in ort.InferenceSession(str(old)).get_outputs()] == [LANDMARKS, HEATMAPS]
+    assert open_onnx(old).decode
+    lm = FaceLandmarker.create(str(old))
+    assert lm._extra_heatmaps and not lm._has_confidence  # confidence from the heatmaps, as before
+    del proto.graph.output[1]  # landmarks alone is not a heatmap model's contract
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    with pytest.raises(Exception, match="outputs are"):
+        open_onnx(tmp_path / "bad.onnx")

@@ -11,9 +11,11 @@ The contract apps rely on (the runtime is written against it):
   spec's colour order; the batch axis is dynamic (`batch`; Core ML: 1..16). A Core ML file
   may instead take an image (`--coreml-input image`): then the normalisation is in the graph;
 - outputs, with decoding (the default): `landmarks` `[N, K, 2]` in model-input pixels (pixel
-  centres at integers; exactly `model.decode(model(x))`), plus `heatmaps` `[N, K, h, w]`
-  (logits) for heatmap models. Without decoding a heatmap model gives only `heatmaps`; a
-  coordinate model always gives `landmarks` (its decode is affine, so it is always in-graph);
+  centres at integers; exactly `model.decode(model(x))`), plus for heatmap models `heatmaps`
+  `[N, K, h, w]` (logits) and `confidence` `[N, K]` (each point's heatmap peak probability, so
+  an app needs no heatmap at run time). Without decoding a heatmap model gives only `heatmaps`;
+  a coordinate model always gives `landmarks` (its decode is affine, so it is always in-graph);
+  files written before `confidence` existed (`landmarks`, `heatmaps`) are still read;
 - the spec JSON under `flm.spec` in ONNX `metadata_props` / Core ML user metadata, plus
   readable keys (author, licence, training data, `flm.outputs`).
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from flm.errors import FlmError, UsageError
-from flm.spec import HEATMAPS, INPUT, LANDMARKS, SPEC_METADATA_KEY
+from flm.spec import CONFIDENCE, HEATMAPS, INPUT, LANDMARKS, SPEC_METADATA_KEY
 
 # --------------------------------------------------------------------------- names and axes
 # The I/O names are declared once, in `flm.spec` (the runtime reads them too), and re-exported
@@ -47,14 +49,14 @@ EXTRA_HINT = "pip install 'flm[export]'"
 def output_names(spec, decode: bool = True) -> list[str]:
     """The outputs an exported file has, in order, for a model spec."""
     if spec.output == "heatmap":
-        return [LANDMARKS, HEATMAPS] if decode else [HEATMAPS]
+        return [LANDMARKS, HEATMAPS, CONFIDENCE] if decode else [HEATMAPS]
     return [LANDMARKS]  # a regressor's decode is affine: always in the graph
 
 
 def output_shapes(spec, decode: bool = True) -> dict[str, tuple]:
     """Shapes of each output with the batch axis as the string BATCH_AXIS."""
     k, h = spec.num_points, spec.heatmap_size
-    shapes = {LANDMARKS: (BATCH_AXIS, k, 2), HEATMAPS: (BATCH_AXIS, k, h, h)}
+    shapes = {LANDMARKS: (BATCH_AXIS, k, 2), HEATMAPS: (BATCH_AXIS, k, h, h), CONFIDENCE: (BATCH_AXIS, k)}
     return {name: shapes[name] for name in output_names(spec, decode)}
 
 
@@ -99,6 +101,8 @@ def output_descriptions(spec) -> dict[str, str]:
                     f"(0..{s - 1}, pixel centres at integers)"),
         HEATMAPS: (f"[N, {spec.num_points}, {spec.heatmap_size}, {spec.heatmap_size}] heatmap logits; "
                    f"soft-argmax gives the landmarks"),
+        CONFIDENCE: (f"[N, {spec.num_points}] peak probability of each point's heatmap (softmax over the map): "
+                     f"high for one sharp peak, low for a flat or split map"),
     }
 
 

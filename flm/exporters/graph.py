@@ -44,7 +44,7 @@ class ExportGraph(nn.Module):
             xs = (p.sum(dim=2) * self.cells).sum(dim=-1)
             ys = (p.sum(dim=3) * self.cells).sum(dim=-1)
             stride = spec.input_size / h
-            return (torch.stack([xs, ys], dim=-1) + 0.5) * stride - 0.5, raw
+            return (torch.stack([xs, ys], dim=-1) + 0.5) * stride - 0.5, raw, p.amax(dim=(2, 3))
         s = spec.input_size
         return raw.reshape(-1, k, 2) * s + (s - 1) / 2.0
 

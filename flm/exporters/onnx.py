@@ -17,7 +17,7 @@ import numpy as np
 
 from flm.errors import ModelFileError, SpecError, UsageError
 from flm.exporters import BATCH_AXIS, DEFAULT_OPSET, TARGETS, describe, metadata, output_names
-from flm.spec import HEATMAPS, INPUT, SPEC_METADATA_KEY, ModelSpec
+from flm.spec import HEATMAPS, INPUT, LANDMARKS, SPEC_METADATA_KEY, ModelSpec
 
 log = logging.getLogger("flm")
 MIN_OPSET = 18
@@ -135,5 +135,7 @@ def check_io(path, spec: ModelSpec, inputs: list[str], outputs: list[str]) -> bo
     for decode in (True, False):
         if outputs == output_names(spec, decode):
             return decode if spec.output == "heatmap" else True
+    if spec.output == "heatmap" and outputs == [LANDMARKS, HEATMAPS]:
+        return True  # written before the confidence output existed
     raise ModelFileError(path, f"outputs are {outputs}, expected {output_names(spec, True)} "
                                f"(or [{HEATMAPS!r}] without decoding)")

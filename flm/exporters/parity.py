@@ -19,7 +19,7 @@ import numpy as np
 
 from flm.errors import ParityError
 from flm.geometry import soft_argmax, swap_channels, to_model_input
-from flm.spec import HEATMAPS, LANDMARKS, ModelSpec
+from flm.spec import CONFIDENCE, HEATMAPS, LANDMARKS, ModelSpec
 
 log = logging.getLogger("flm")
 
@@ -43,8 +43,10 @@ class Tolerance:
 # MLModel.predict (CPU, float32) or by the numpy reference evaluator; both are float32 too, so it
 # gets the same numbers.
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
-    "onnx": {HEATMAPS: Tolerance(atol=1e-4, rtol=1e-3), LANDMARKS: Tolerance(atol=1e-3, rtol=1e-5)},
-    "coreml": {HEATMAPS: Tolerance(atol=1e-4, rtol=1e-3), LANDMARKS: Tolerance(atol=1e-3, rtol=1e-5)},
+    "onnx": {HEATMAPS: Tolerance(atol=1e-4, rtol=1e-3), LANDMARKS: Tolerance(atol=1e-3, rtol=1e-5),
+             CONFIDENCE: Tolerance(atol=1e-5, rtol=1e-3)},
+    "coreml": {HEATMAPS: Tolerance(atol=1e-4, rtol=1e-3), LANDMARKS: Tolerance(atol=1e-3, rtol=1e-5),
+               CONFIDENCE: Tolerance(atol=1e-5, rtol=1e-3)},
 }
 
 
@@ -197,7 +199,8 @@ def _structured_face(rng: np.random.Generator):
 
 
 def reference_outputs(model, inputs: ParityInputs) -> dict[str, np.ndarray]:
-    """PyTorch's outputs: `model(x)` and `model.decode(model(x))`, float32, eval mode."""
+    """PyTorch's outputs: `model(x)`, `model.decode(model(x))` and (heatmap models) each point's
+    heatmap peak probability, float32, eval mode."""
     import torch
 
     model.eval()
@@ -207,6 +210,7 @@ def reference_outputs(model, inputs: ParityInputs) -> dict[str, np.ndarray]:
     out = {LANDMARKS: landmarks.numpy().astype(np.float32)}
     if model.spec.output == "heatmap":
         out[HEATMAPS] = raw.numpy().astype(np.float32)
+        out[CONFIDENCE] = torch.softmax(raw.flatten(2), dim=-1).amax(dim=-1).numpy().astype(np.float32)
     return out
 
 

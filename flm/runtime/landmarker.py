@@ -88,20 +88,20 @@ class FaceLandmarkerOptions:
         validation sets (a tie goes to fewer passes), from `python benchmarks/defaults.py` with
         the shipped flm-68 (results: benchmarks/results/defaults.json); mean NME %, refine 0 / 1 / 2:
                    youtube held-out    300w held-out       aflw2000-3d-val     mean
-          app box  5.79 / 5.90 / 5.92  3.88 / 3.86 / 3.89  4.87 / 4.95 / 4.97  4.84 / 4.90 / 4.93
-          Haar     6.44 / 6.05 / 5.97  4.91 / 4.39 / 4.22  5.12 / 4.78 / 4.86  5.49 / 5.08 / 5.01
-          YuNet    5.95 / 5.96 / 5.97  3.98 / 3.87 / 3.89  5.41 / 5.40 / 5.42  5.11 / 5.08 / 5.09
+          app box  4.05 / 4.17 / 4.21  3.87 / 3.86 / 3.88  4.79 / 4.87 / 4.93  4.24 / 4.30 / 4.34
+          Haar     5.03 / 4.46 / 4.29  4.92 / 4.38 / 4.23  5.03 / 4.61 / 4.69  4.99 / 4.48 / 4.40
+          YuNet    4.31 / 4.24 / 4.25  4.00 / 3.91 / 3.89  5.32 / 5.23 / 5.28  4.55 / 4.46 / 4.48
         (567 / 301 / 198 faces; youtube and 300w inter-ocular, aflw2000 over the landmark box
         sqrt(w*h); app box = the tight box of the true landmarks; faces a detector missed, Haar
         25 / 29 / 74 and YuNet 0 / 0 / 1, are left out of its row). A pass helps a rough box
         and costs a little on a good one (the model's crop of its own landmark box is not the
-        exact box); for YuNet one pass beats none by only 0.03 %. The two earlier flm-68 models
-        (s8, youtube data only; m2) chose the same defaults (s8 app box 5.45 / 5.67 / 5.83 %).
+        exact box). The three earlier flm-68 models (s8, youtube data only; m2; m3) chose the
+        same defaults (s8 app box 5.45 / 5.67 / 5.83 %).
     threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     providers: onnxruntime execution providers (default: CPU).
     color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
     crop: override the model's crop rule (None: the rule in the model's spec — keep it).
-    pose: estimate head pose for 68-point models.
+    pose: give 68-point faces a head pose (`Face.pose`, solved when first read).
     smoothing: One Euro smoothing of the landmarks in `detect_for_video` (False: raw landmarks).
     smoothing_min_cutoff / smoothing_beta / smoothing_d_cutoff: the One Euro filter of
         `detect_for_video` (`flm.runtime.smoothing.OneEuroFilter`: cut-off in Hz, plus beta per
@@ -132,12 +132,13 @@ class FaceLandmarkerOptions:
         where it was, the track ends if not). Measured with the shipped flm-68 on 218 held-out
         faces (every 4th of youtube-faces-68's and 300w-train's; `python benchmarks/stability.py
         --calibrate`, benchmarks/results/stability-calibration.json): crops cut from the true
-        landmark box score 0.125 at the 0.5th percentile (median 0.138), a face rolled 12 deg and
-        cropped 10 % off, as a fast-moving face is, 0.120 (median 0.138); windows of the same size
-        elsewhere in the photo, without the face, 0.099 at the 95th percentile and 0.107 at the
-        99th (median 0.069), faces half out of the image 0.101 at the 99th (median 0.074). 0.11
-        keeps all but one of the 218 moved faces and drops 99.6 % of the empty windows and 99 %
-        of the half-out faces in one frame (the previous flm-68: 96 % and 99 %, the same 0.11); it sits near the empty windows' high end because a face lost by mistake costs a
+        landmark box score 0.127 at the 0.5th percentile (median 0.139), a face rolled 12 deg and
+        cropped 10 % off, as a fast-moving face is, 0.121 (median 0.138); windows of the same size
+        elsewhere in the photo, without the face, 0.097 at the 95th percentile and 0.107 at the
+        99th (median 0.064), faces half out of the image 0.105 at the 99th (median 0.078). 0.11
+        keeps every one of the 218 moved faces and drops 99.6 % of the empty windows and 99 %
+        of the half-out faces in one frame (the two previous flm-68: 96-99.6 % and 99 %, the same
+        0.11); it sits near the empty windows' high end because a face lost by mistake costs a
         detector run (and its track, if the detector misses it), while a track kept on an empty
         crop is tested again on the next frame. A model with another heatmap size needs its
         own value; for a model without confidence (always 1.0) only a landmark box whose centre
