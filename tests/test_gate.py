@@ -127,3 +127,35 @@ def test_a_gated_checkpoint_exports_with_its_gate_and_passes_parity(tmp_path):
         blend, first = m.decode(m(x)).numpy(), m.decode(m.out(m.features(x)[0])).numpy()
     np.testing.assert_allclose(got, blend, atol=1e-3)
     assert np.abs(got - first).max() > 1  # the file holds the gate, not just the first head
+
+
+def test_a_gated_run_resumes_exactly(tmp_path):
+    """The gate's own optimiser group and BatchNorm statistics come back with `--resume`."""
+    from flm.pipeline.checkpoint import read_checkpoint, state_digest
+
+    a, b = _two_looks(tmp_path)
+
+    def cfg(out, **kw):
+        return TrainConfig(data=[f"udacity:{a}", f"udacity:{b}"], val=["split"], img_size=64, epochs=2,
+                           batch_size=8, workers=0, device="cpu", out=str(tmp_path / out), lr=1e-3, gate=True,
+                           augment=AugmentConfig(), val_fraction=0.25, **kw)
+
+    full = run(cfg("full"))
+    steps = full["history"][0]["step"]
+    assert run(cfg("part", max_steps=steps))["epochs_done"] == 1
+    resumed = run(cfg("part", resume=str(tmp_path / "part" / "last.pt")))
+    assert resumed["history"][-1]["train_loss"] == full["history"][-1]["train_loss"]
+    digests = [state_digest(read_checkpoint(tmp_path / d / "last.pt")["state_dict"]) for d in ("full", "part")]
+    assert digests[0] == digests[1]
+    gate = read_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]["gate.0.running_var"]
+    assert float(gate.std()) > 0  # the gate's statistics were learnt, so the digest covers them
+
+
+def test_a_gated_checkpoint_exports_to_core_ml_and_passes_parity(tmp_path):
+    """The gate's ops (pooling, BatchNorm, linear, softmax, the weighted sum) run in the MIL evaluator."""
+    from flm.cli import main
+
+    save_checkpoint(tmp_path / "m.pt", _gated(seed=3))
+    assert main(["export", str(tmp_path / "m.pt"), "--target", "coreml", "--out", str(tmp_path / "x"),
+                 "--samples", "2"]) == 0
+    assert (tmp_path / "x" / "model.mlpackage").is_dir()

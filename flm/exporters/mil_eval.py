@@ -260,12 +260,6 @@ def _relu(a):
     return np.maximum(x, np.zeros((), x.dtype))
 
 
-@op("log")
-def _log(a):
-    x = a.tensor("x")
-    return np.log(x + a.tensor("epsilon", np.float32(1e-45)), dtype=np.float32)  # MIL: log(x + epsilon)
-
-
 def _make_binary(fn):
     return lambda a: fn(a.tensor("x"), a.tensor("y"))  # numpy broadcasting == MIL's
 
