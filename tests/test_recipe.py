@@ -46,6 +46,7 @@ def test_the_fast_models_recipe_builds_its_narrow_network():
     ('out = "r"\n[[stage]]\nname = "a"\n[[stage]]\nname = "a"\n', "two stages are named 'a'"),
     ('[[stage]]\nname = "a"\n', "expected 'out"),
     ('out = "r"\nstage = [', "not valid TOML"),
+    ('out = "r"\n[[stage]]\nname = "a"\ngate = "yes"\n', "stage 'a': gate is true or false, got 'yes'"),
 ])
 def test_a_bad_recipe_is_refused_before_any_stage_runs(tmp_path, text, words):
     path = tmp_path / "bad.toml"

@@ -73,6 +73,9 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
     for k in ("data", "val"):
         if k in keys and isinstance(keys[k], str):
             keys[k] = [keys[k]]
+    for k in ("heads", "gate", "skip_bad"):
+        if not isinstance(keys.get(k, False), bool):
+            raise UsageError(f"{where}: {k} is true or false, got {keys[k]!r}", example=f"{k} = true")
     try:
         cfg = TrainConfig(**keys, out=str(out))
     except TypeError as e:
