@@ -147,6 +147,7 @@ def test_models_shipped_json_without_torch_matches_the_files():
         assert path.is_absolute() and path.is_file() and path.stem == m["name"]
         spec = read_spec(open_session(path, threads=1), str(path))
         assert (m["input_size"], m["points"], m["output"]) == (spec.input_size, spec.num_points, spec.output)
+        assert (m["conventions"], m["gated"]) == (list(spec.conventions), bool(spec.build.get("gate")))
         assert m["mb"] == round(path.stat().st_size / 1e6, 2)
 
 
@@ -156,6 +157,8 @@ def test_models_shipped_table_names_the_default():
     assert p.returncode == 0, p.stderr
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith(DEFAULT_NAME + " "))
     assert "yes" in line and str(ASSETS / f"{DEFAULT_NAME}.onnx") in line
+    default_spec = read_spec(open_session(ASSETS / f"{DEFAULT_NAME}.onnx", threads=1), DEFAULT_NAME)
+    assert (" / ".join(default_spec.conventions) in line) and (("gate:" in line) == bool(default_spec.build.get("gate")))
 
 
 def test_detect_with_an_unknown_name_exits_2_naming_the_shipped_models(tmp_path):

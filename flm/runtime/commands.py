@@ -222,12 +222,13 @@ def show_shipped_models(as_json: bool) -> None:
         return
     t = Table(title="models flm ships (FaceLandmarker.create(NAME), flm detect --model NAME; MB = 10^6 bytes)")
     for col, just in (("name", "left"), ("default", "left"), ("points", "right"), ("input", "left"),
-                      ("output", "left"), ("MB", "right"), ("path", "left")):
+                      ("output", "left"), ("convention", "left"), ("MB", "right"), ("path", "left")):
         t.add_column(col, justify=just)
     for m in found:
         d = m.to_dict()
+        convention = ("gate: " if d["gated"] else "") + " / ".join(d["conventions"]) or "-"
         t.add_row(d["name"], "yes" if d["default"] else "", str(d["points"]), f"{d['input_size']} px",
-                  d["output"], f"{d['mb']:.2f}", d["path"])
+                  d["output"], convention, f"{d['mb']:.2f}", d["path"])
     out_console.print(t)
     if not found:
         out_console.print("no models are bundled with this install of flm")
