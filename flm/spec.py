@@ -170,5 +170,10 @@ class ModelSpec:
         return dict(self.options)
 
     @property
+    def gated(self) -> bool:
+        """Whether the model answers through a gate over its conventions' heads (`flm train --gate`)."""
+        return bool(self.build.get("gate")) and len(self.conventions) > 1
+
+    @property
     def outer_eyes(self) -> tuple[int, int]:
         return SCHEMES[self.scheme]["outer_eyes"]

@@ -157,7 +157,7 @@ def evaluate_sets(model, data: list[str], *, norm: str = "auto", threshold: floa
         ds = drop_undecodable(open_dataset(text, skip_bad=skip_bad), skip_bad).mapped(model.spec.scheme)
         if split != "all":
             ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
-        gated = convention == "auto" and model.spec.build.get("gate")  # auto: what the gated model answers
+        gated = convention == "auto" and model.spec.gated  # auto: what the gated model answers
         head = None if gated else head_of(conventions, Source.parse(text).convention if convention == "auto" else convention)
         result = evaluate(model, ds, norm=ds.norm if norm == "auto" else norm, threshold=threshold, head=head)
         result["convention"] = "gate" if gated else (conventions or ("",))[head or 0]

@@ -66,7 +66,7 @@ class ShuffleNetHeatmap(LandmarkModel):
     that deconvolving stride-32 features alone lacks; they cost ~60 k parameters.
     """
 
-    def __init__(self, spec: ModelSpec, width: float = 1.0, head=(192, 128), gate: bool = False):
+    def __init__(self, spec: ModelSpec, width: float = 1.0, head=(192, 128)):
         super().__init__()
         self.spec = spec
         c = SHUFFLE_WIDTHS[width]
@@ -86,7 +86,7 @@ class ShuffleNetHeatmap(LandmarkModel):
         # (Its BatchNorm keeps a plain average of the batches' statistics, with no trace of its init.)
         pooled = c[1] + c[2] + c[3]
         self.gate = (nn.Sequential(nn.BatchNorm1d(pooled, momentum=None), nn.Linear(pooled, len(spec.conventions)))
-                     if gate and len(spec.conventions) > 1 else None)
+                     if spec.gated else None)
 
     def features(self, x):
         """(the heads' input features, the trunk's pooled features the gate reads)."""
@@ -209,8 +209,7 @@ def _spec(preset, points, scheme, size, channels, output, heatmap_stride=None) -
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("shufflenet-heatmap", "ShuffleNetV2 x1.0 trunk (no conv5), 2-deconv head, soft-argmax (default)",
-           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0), head=tuple(o.get("head", (192, 128))),
-                                          gate=bool(o.get("gate", False))),
+           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0), head=tuple(o.get("head", (192, 128)))),
            _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width", "head", "gate")),
     Preset("resnet-regressor", "grayscale ResNet-18 layout at 1/2 width, coordinate head (fits 15 MB)",
            lambda s, o: ResNetRegressor(s, widths=tuple(int(w * o.get("width", 0.5)) for w in (64, 128, 256, 512))),
@@ -276,7 +275,7 @@ def single_convention(model: LandmarkModel, name: str | None = None) -> Landmark
     if name is not None and name not in names:
         raise UsageError(f"--convention {name!r}: this model learnt {', '.join(names) or 'one convention'}",
                          example=f"flm export best.pt --convention {names[0] if names else ''}")
-    if name is None and getattr(model, "gate", None) is not None:
+    if name is None and model.spec.gated:
         return model  # a gated model's output is its blend of every head
     name = name or names[0]
     options = build_options({k: v for k, v in model.spec.build.items() if k != "gate"})

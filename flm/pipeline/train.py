@@ -483,7 +483,7 @@ def _step_loss(run: _Run, x, target, heads) -> torch.Tensor:
     cross-entropy on the faces' conventions for a gated model."""
     if heads is None:
         return landmark_loss(run.model, run.net(x), target, run.cfg)
-    if getattr(run.model, "gate", None) is None:
+    if not run.model.spec.gated:
         return landmark_loss(run.model, run.net(x, heads), target, run.cfg)
     raw, gate = run.net(x, heads, with_gate=True)
     return landmark_loss(run.model, raw, target, run.cfg) + F.cross_entropy(gate, heads)

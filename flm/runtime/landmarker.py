@@ -371,7 +371,7 @@ class FaceLandmarker:
         self.output_name, self._dynamic_batch = _check_io(session, spec, source)
         names = [o.name for o in session.get_outputs()]
         self._has_confidence = CONFIDENCE in names
-        # a decoded heatmap model also returns its heatmaps: per-point confidence comes from them
+        # a decoded heatmap file from before the `confidence` output: per-point confidence from its heatmaps
         self._extra_heatmaps = (self.output_name == LANDMARKS and HEATMAPS in names
                                 and spec.output == "heatmap" and not self._has_confidence)
         # tracking needs a per-point confidence to notice a lost face (`track_quality`)

@@ -42,7 +42,7 @@ class ShippedModel:
         s = self.spec
         return {"name": self.name, "path": str(self.path), "default": self.default, "input_size": s.input_size,
                 "points": s.num_points, "scheme": s.scheme, "output": s.output, "preset": s.preset,
-                "conventions": list(s.conventions), "gated": bool(s.build.get("gate")),
+                "conventions": list(s.conventions), "gated": s.gated,
                 "bytes": self.bytes, "mb": round(self.bytes / 1e6, 2)}
 
 
