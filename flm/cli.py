@@ -56,8 +56,7 @@ def train(
     select: str = typer.Option("mean", "--select", help=SELECT_HELP),
     heads: bool = typer.Option(True, "--heads/--one-head", help="One output head per annotation convention "
                                "(each --data folder name) when the sources follow several."),
-    gate: bool = typer.Option(False, "--gate", help="With --heads: also learn which convention a face's "
-                              "source follows, and answer in it (the heads blended by the gate's probabilities)."),
+    gate: bool = typer.Option(False, "--gate", help="With --heads: learn which convention a face's source follows."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run the stages of a recipe TOML "
                                           "(resumes a stage left unfinished); other options are ignored."),
     val_fraction: float = typer.Option(0.15, help="Fraction of identities held out by --val split."),
@@ -68,6 +67,7 @@ def train(
     width: Optional[float] = typer.Option(None, help="Width multiplier, for presets that have one."),
     head: Optional[str] = typer.Option(None, "--head", help="Heatmap head channels C1,C2 (shufflenet-heatmap; "
                                        "default 192,128)."),
+    upsample: Optional[str] = typer.Option(None, "--upsample", help="Its x2 steps: deconv (default) or light."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o"),
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
     seed: int = typer.Option(0),

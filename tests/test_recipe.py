@@ -47,6 +47,7 @@ def test_the_fast_models_recipe_builds_its_narrow_network():
     ('[[stage]]\nname = "a"\n', "expected 'out"),
     ('out = "r"\nstage = [', "not valid TOML"),
     ('out = "r"\n[[stage]]\nname = "a"\ngate = "yes"\n', "stage 'a': gate is true or false, got 'yes'"),
+    ('out = "r"\n[[stage]]\nname = "a"\nupsample = "bilinear"\n', "--upsample 'bilinear': expected one of deconv, light"),
 ])
 def test_a_bad_recipe_is_refused_before_any_stage_runs(tmp_path, text, words):
     path = tmp_path / "bad.toml"

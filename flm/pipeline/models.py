@@ -51,6 +51,24 @@ def _deconv(cin: int, cout: int) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def _light_up(cin: int, cout: int) -> nn.Sequential:
+    """A cheaper x2 upsampling: a 1x1 convolution to `cout` channels, then a depthwise 4x4 transposed
+    one (cin*cout + 16*cout weights against `_deconv`'s 16*cin*cout; the model card's speed table)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.ConvTranspose2d(cout, cout, 4, stride=2, padding=1, groups=cout, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+UPSAMPLING = {"deconv": _deconv, "light": _light_up}  # the heatmap head's x2 steps (`--upsample`)
+
+
+def check_upsample(name: str | None) -> None:
+    """UsageError unless `name` is None (the preset's default) or a kind of `UPSAMPLING`."""
+    if name is not None and name not in UPSAMPLING:
+        raise UsageError(f"--upsample {name!r}: expected one of {', '.join(UPSAMPLING)}",
+                         example="flm train --upsample light")
+
+
 def _conv1x1(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
 
@@ -60,22 +78,25 @@ SHUFFLE_WIDTHS = {0.5: (24, 48, 96, 192), 1.0: (24, 116, 232, 464), 1.5: (24, 17
 
 
 class ShuffleNetHeatmap(LandmarkModel):
-    """ShuffleNetV2 trunk (no conv5) + two deconvolutions to stride 8, one heatmap per point.
+    """ShuffleNetV2 trunk (no conv5) + two x2 upsamplings to stride 8, one heatmap per point.
 
     Skip connections from the stride-16 and stride-8 stages give the head the fine detail
-    that deconvolving stride-32 features alone lacks; they cost ~60 k parameters.
+    that upsampling stride-32 features alone lacks; they cost ~60 k parameters. The upsamplings
+    are 4x4 deconvolutions, or with `upsample="light"` the cheaper `_light_up`.
     """
 
-    def __init__(self, spec: ModelSpec, width: float = 1.0, head=(192, 128)):
+    def __init__(self, spec: ModelSpec, width: float = 1.0, head=(192, 128), upsample: str = "deconv"):
         super().__init__()
         self.spec = spec
+        check_upsample(upsample)
         c = SHUFFLE_WIDTHS[width]
         trunk = ShuffleNetV2([4, 8, 4], [*c, 1024])
         if spec.channels != 3:
             trunk.conv1[0] = nn.Conv2d(spec.channels, c[0], 3, 2, 1, bias=False)
         self.stem = nn.Sequential(trunk.conv1, trunk.maxpool)
         self.stage2, self.stage3, self.stage4 = trunk.stage2, trunk.stage3, trunk.stage4
-        self.up1, self.up2 = _deconv(c[3], head[0]), _deconv(head[0], head[1])
+        up = UPSAMPLING[upsample]
+        self.up1, self.up2 = up(c[3], head[0]), up(head[0], head[1])
         self.skip3, self.skip2 = _conv1x1(c[2], head[0]), _conv1x1(c[1], head[1])
         self.out = nn.Conv2d(head[1], spec.num_points, 1)
         # one more 1x1 heatmap head per further annotation convention (spec.conventions[1:])
@@ -209,8 +230,9 @@ def _spec(preset, points, scheme, size, channels, output, heatmap_stride=None) -
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("shufflenet-heatmap", "ShuffleNetV2 x1.0 trunk (no conv5), 2-deconv head, soft-argmax (default)",
-           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0), head=tuple(o.get("head", (192, 128)))),
-           _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width", "head", "gate")),
+           lambda s, o: ShuffleNetHeatmap(s, width=o.get("width", 1.0), head=tuple(o.get("head", (192, 128))),
+                                          upsample=o.get("upsample", "deconv")),
+           _spec("shufflenet-heatmap", 68, "ibug68", 128, 3, "heatmap", 8), ("width", "head", "gate", "upsample")),
     Preset("resnet-regressor", "grayscale ResNet-18 layout at 1/2 width, coordinate head (fits 15 MB)",
            lambda s, o: ResNetRegressor(s, widths=tuple(int(w * o.get("width", 0.5)) for w in (64, 128, 256, 512))),
            _spec("resnet-regressor", 68, "ibug68", 128, 1, "coords"), ("width",)),
@@ -228,9 +250,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 DEFAULT_PRESET = "shufflenet-heatmap"
 
 
-def preset_options(width: float | None = None, head=None, gate: bool = False) -> dict:
-    """The build options a user set (`--width`, `--head`, `--gate`); the others keep the preset's defaults."""
-    return {k: v for k, v in (("width", width), ("head", head), ("gate", gate or None)) if v is not None}
+def preset_options(width: float | None = None, head=None, gate: bool = False, upsample: str | None = None) -> dict:
+    """The build options a user set (`--width`, `--head`, `--gate`, `--upsample`); the others keep the
+    preset's defaults."""
+    return {k: v for k, v in (("width", width), ("head", head), ("gate", gate or None), ("upsample", upsample))
+            if v is not None}
 
 
 def get_preset(name: str) -> Preset:

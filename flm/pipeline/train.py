@@ -42,7 +42,8 @@ from flm.pipeline.data import LandmarkDataset, Source, open_sources
 from flm.pipeline.evaluate import (CropDataset, head_of, mean_shape_baseline, point_subset,
                                    predict_crops, yaw_bin_masks)
 from flm.pipeline.reports import write_training_reports
-from flm.pipeline.models import LandmarkModel, build_model, count_parameters, get_preset, preset_options
+from flm.pipeline.models import (LandmarkModel, build_model, check_upsample, count_parameters, get_preset,
+                                 preset_options)
 
 log = logging.getLogger("flm")
 
@@ -63,6 +64,7 @@ class TrainConfig:
     width: float | None = None
     head: list[int] | None = None  # heatmap head channels (two deconvolutions), for presets that have one
     gate: bool = False  # with several conventions: learn which one a face's source follows, answer in it
+    upsample: str | None = None  # the heatmap head's x2 steps: deconv (the preset's) or light
     out: str = "runs/train"
     device: str = "auto"
     seed: int = 0
@@ -79,7 +81,7 @@ class TrainConfig:
 
     def preset_options(self) -> dict:
         """The preset options this config sets (the others keep the preset's defaults)."""
-        return preset_options(self.width, self.head, self.gate)
+        return preset_options(self.width, self.head, self.gate, self.upsample)
 
 
 def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: float, aug_pose: float,
@@ -108,6 +110,7 @@ def config_from_options(options: dict) -> TrainConfig:
     one clear error for a bad value, before any data is read."""
     o = options
     get_preset(o["model"])
+    check_upsample(o.get("upsample"))
     flip_for = dict(_name_probability(item) for item in o.get("aug_flip_for") or [])
     check_options(o["lr"], o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"], o["aug_pose_yaw"], flip_for)
     for name in ("resume", "init"):
@@ -117,7 +120,7 @@ def config_from_options(options: dict) -> TrainConfig:
     augment = AugmentConfig.from_options(o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"],
                                          o["aug_pose_yaw"])
     plain = {k: o[k] for k in ("model", "select", "heads", "val_fraction", "batch_size", "lr", "img_size", "width",
-                               "device", "seed", "workers", "max_steps", "skip_bad", "gate") if k in o}
+                               "device", "seed", "workers", "max_steps", "skip_bad", "gate", "upsample") if k in o}
     return TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
                        val=list(o.get("val") or ["split"]), epochs=o.get("epochs") or (30 if o.get("data") else 4),
                        head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
@@ -301,11 +304,17 @@ def _head_prefix(conventions, name: str) -> str:
 def _init_state(ck: dict, model: LandmarkModel) -> dict:
     """The checkpoint's weights with output heads matched to this model's conventions by name; a
     convention the checkpoint lacks starts from its first head. A gate comes from a checkpoint of
-    the same conventions, else starts afresh."""
+    the same conventions, else starts afresh; so do the upsamplings from one of another `upsample`."""
     if not hasattr(model, "heads"):
         return ck["state_dict"]
-    src_conv = tuple(json.loads(ck["spec"]).get("conventions") or ())
-    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(("out.", "heads.", "gate."))}
+    src_spec = json.loads(ck["spec"])
+    src_conv = tuple(src_spec.get("conventions") or ())
+    fresh = ("out.", "heads.", "gate.")
+    if src_spec.get("options", {}).get("upsample", "deconv") != model.spec.build.get("upsample", "deconv"):
+        fresh += ("up1.", "up2.")
+        log.info("the upsamplings start afresh (the checkpoint's are of another kind)")
+    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(fresh)}
+    sd.update({k: v for k, v in model.state_dict().items() if k.startswith(("up1.", "up2.")) and k not in sd})
     gate = ck["state_dict"] if src_conv == model.spec.conventions else {}  # a gate fits its own conventions only
     sd.update({k: gate.get(k, v) for k, v in model.state_dict().items() if k.startswith("gate.")})
     for name in model.spec.conventions or ("",):
