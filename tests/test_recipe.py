@@ -39,6 +39,16 @@ def test_the_fast_models_recipe_builds_its_narrow_network():
     assert cfg["f4"].gate and not cfg["f3"].gate and cfg["f4"].init == str(base / "f3" / "best.pt")
 
 
+def test_the_balanced_models_recipe_starts_light_upsamplings_from_flm_68():
+    base, stages = load_recipe(REPO / "recipes" / "flm-68-balanced.toml")
+    assert [n for n, _ in stages] == ["b1"] and base == Path("runs/flm-68-balanced")
+    cfg = stages[0][1]
+    assert cfg.init == "models/flm-68.pt" and cfg.gate and cfg.flip_for == {"300w-train": 0.5}
+    model = build_model(cfg.model, cfg.img_size, cfg.preset_options())
+    assert model.spec.input_size == 160 and model.spec.build == {"gate": True, "upsample": "light"}
+    assert model.up1[3].groups == 192 and count_parameters(model) < 1_000_000
+
+
 @pytest.mark.parametrize("text, words", [
     ('out = "r"\n[[stage]]\nname = "a"\nepochz = 3\n', "stage 'a': unknown key(s) epochz"),
     ('out = "r"\n[[stage]]\nname = "a"\ninit = "zz"\n', "init 'zz' is neither an earlier stage"),
