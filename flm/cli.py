@@ -102,7 +102,7 @@ def train(
 
     cfg = config_from_options(ctx.params)
     if not ignore_budget:
-        _refuse_over_budget(model, img_size, width, cfg.head, budget)
+        _refuse_over_budget(model, img_size, width, cfg.head, cfg.upsample, budget)
     _train_progress(cfg)
 
 
@@ -179,12 +179,12 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> None:
     raise typer.Exit(proc.returncode)
 
 
-def _refuse_over_budget(model: str, img_size, width, head, budget: str) -> None:
+def _refuse_over_budget(model: str, img_size, width, head, upsample, budget: str) -> None:
     try:
         from flm.budgets import preset_fits
     except ImportError:  # budgets not installed in this build
         return
-    ok, message = preset_fits(model, img_size=img_size, width=width, budget=budget, head=head)
+    ok, message = preset_fits(model, img_size=img_size, width=width, budget=budget, head=head, upsample=upsample)
     if not ok:
         raise UsageError(message, example=f"flm train --model {model} --ignore-budget")
 

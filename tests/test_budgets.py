@@ -26,6 +26,7 @@ from flm.pipeline.checkpoint import save_checkpoint
 from flm.pipeline.models import build_model
 
 from tests.helpers.checkpoints import payload
+from tests.helpers.cli import flm
 
 
 def verdict(m, budget=DEFAULT_BUDGET) -> dict[str, bool]:
@@ -84,6 +85,8 @@ def test_preset_fits_says_what_would_fit():
     ok, msg = preset_fits("resnet-regressor", width=1.0)
     assert not ok and "--width 0.5 fits" in msg
     ok, msg = preset_fits("shufflenet-heatmap", budget="mobile-5mb")
+    assert not ok and "--upsample light fits (3.93 MB" in msg
+    ok, msg = preset_fits("shufflenet-heatmap", width=2.0, budget="mobile-5mb")  # light is 14.91 MB
     assert not ok and "--width 0.5 fits" in msg
     ok, msg = preset_fits("simple-cnn", img_size=256)
     assert not ok and "--img-size 96 fits" in msg
@@ -93,6 +96,18 @@ def test_preset_fits_says_what_would_fit():
     assert not ok and "--head 2000,2000 needs 322.01 MB" in msg and "with the default head it fits" in msg
     ok, msg = preset_fits("shufflenet-heatmap", width=0.5, head=[128, 96])  # flm-68-fast's network
     assert ok and "3.06 MB" in msg  # one head (the checkpoint holds two: 3.08 MB)
+    ok, msg = preset_fits("shufflenet-heatmap", width=1.5)  # 4x4 deconvolutions: over 15 MB ...
+    assert not ok and "17.74 MB" in msg and "--upsample light fits (8.18 MB" in msg
+    ok, msg = preset_fits("shufflenet-heatmap", width=1.5, upsample="light")  # ... the light head: within
+    assert ok and "--width 1.5 --upsample light needs 8.18 MB" in msg
+
+
+def test_train_counts_the_light_upsamplings_against_the_budget(tmp_path):
+    r = flm("train", "--width", "1.5", "--max-steps", "1", "--out", tmp_path / "deconv")
+    assert r.returncode == 2 and "--upsample light fits" in r.stderr
+    r = flm("train", "--width", "1.5", "--upsample", "light", "--img-size", "64", "--synthetic-n", "16",
+            "--batch-size", "8", "--workers", "0", "--max-steps", "1", "--epochs", "1", "--out", tmp_path / "light")
+    assert r.returncode == 0, r.stderr
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -162,7 +162,7 @@ def enforce(results: list[RuleResult], budget: str | Budget = DEFAULT_BUDGET) ->
 
 
 def preset_footprint(model: str, img_size: int | None = None, width: float | None = None,
-                     head: list[int] | None = None) -> tuple[int, int]:
+                     head: list[int] | None = None, upsample: str | None = None) -> tuple[int, int]:
     """(parameters, float32 bytes of parameters + floating-point buffers) of a preset with these
     build options, built on torch's meta device (no memory, no initialisation: milliseconds even
     for ResNet-18)."""
@@ -171,15 +171,16 @@ def preset_footprint(model: str, img_size: int | None = None, width: float | Non
     from flm.pipeline.models import build_model, preset_options
 
     with torch.device("meta"):
-        module = build_model(model, img_size, preset_options(width, head))
+        module = build_model(model, img_size, preset_options(width, head, upsample=upsample))
     params = sum(p.numel() for p in module.parameters())
     buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
     return params, FLOAT32_BYTES * (params + buffers)
 
 
 def preset_fits(model: str, img_size: int | None = None, width: float | None = None,
-                budget: str | Budget = DEFAULT_BUDGET, head: list[int] | None = None) -> tuple[bool, str]:
-    """Can preset `model` (at this input size / width / head) fit `budget`? Returns (ok, message).
+                budget: str | Budget = DEFAULT_BUDGET, head: list[int] | None = None,
+                upsample: str | None = None) -> tuple[bool, str]:
+    """Can preset `model` (at this input size / width / head / upsampling) fit `budget`? Returns (ok, message).
 
     A preset is float32, one model and initialised with non-zero weights, so only its size can
     fail; the message names the measured size and what would fit instead (a smaller `--width`
@@ -189,9 +190,10 @@ def preset_fits(model: str, img_size: int | None = None, width: float | None = N
 
     budget = get_budget(budget)
     preset = get_preset(model)
-    params, size = preset_footprint(model, img_size, width, head)
+    params, size = preset_footprint(model, img_size, width, head, upsample)
     what = f"preset {model!r}" + (f" at --width {width:g}" if width is not None else "") + \
            (f" with --head {','.join(map(str, head))}" if head is not None else "") + \
+           (f" --upsample {upsample}" if upsample is not None else "") + \
            (f" at --img-size {img_size}" if img_size is not None else "")
     needs = f"{what} needs {format_bytes(size)} of float32 weights ({params:,} parameters)"
     if size <= budget.max_bytes:
@@ -200,14 +202,18 @@ def preset_fits(model: str, img_size: int | None = None, width: float | None = N
     message = f"{needs}, over budget {budget.name!r}: max {format_bytes(budget.max_bytes)}, where MB = 10^6 bytes"
     if img_size is not None:  # some presets (fully connected heads) grow with the input size
         for size_try in range(img_size - 32, 31, -32):
-            _, s = preset_footprint(model, size_try, width, head)
+            _, s = preset_footprint(model, size_try, width, head, upsample)
             if s <= budget.max_bytes:
                 return False, f"{message}; --img-size {size_try} fits ({format_bytes(s)})"
+    if upsample is None and "upsample" in preset.options:
+        _, s = preset_footprint(model, img_size, width, head, "light")
+        if s <= budget.max_bytes:
+            return False, f"{message}; --upsample light fits ({format_bytes(s)})"
     if "width" in preset.options:
         # size grows with width, so the largest width that fits is smaller than the current one
         for w in WIDTH_CANDIDATES:
             try:
-                _, s = preset_footprint(model, img_size, w, head)
+                _, s = preset_footprint(model, img_size, w, head, upsample)
             except (KeyError, ValueError, RuntimeError, FlmError):  # a width this preset cannot build
                 continue
             if s <= budget.max_bytes:
