@@ -65,9 +65,9 @@ def train(
     lr: float = typer.Option(2e-3),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (multiple of 32); default per preset."),
     width: Optional[float] = typer.Option(None, help="Width multiplier, for presets that have one."),
-    head: Optional[str] = typer.Option(None, "--head", help="Heatmap head channels C1,C2 (shufflenet-heatmap; "
-                                       "default 192,128)."),
+    head: Optional[str] = typer.Option(None, "--head", help="Heatmap head channels C1,C2 (default 192,128)."),
     upsample: Optional[str] = typer.Option(None, "--upsample", help="Its x2 steps: deconv (default) or light."),
+    trunk_lr: float = typer.Option(1.0, "--trunk-lr", help="Trunk learning rate, a fraction of --lr (0: frozen)."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o"),
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
     seed: int = typer.Option(0),

@@ -14,6 +14,9 @@ from flm.pipeline.data import open_dataset
 from flm.pipeline.models import build_model
 from flm.pipeline.train import TrainConfig, train
 
+from tests.helpers.checkpoints import randomised_model
+from tests.helpers.cli import flm
+
 
 @pytest.fixture(scope="module")
 def faces():
@@ -144,3 +147,28 @@ def test_build_options_travel_in_the_spec_through_checkpoint_and_export(tmp_path
     torch.save(ck, tmp_path / "bare.pt")
     with pytest.raises(ModelFileError, match="weights do not match"):
         load_model(tmp_path / "bare.pt")
+
+
+def test_a_frozen_trunk_keeps_its_weights_while_the_head_learns(tmp_path):
+    save_checkpoint(tmp_path / "init.pt", randomised_model("shufflenet-heatmap", seed=4, img_size=64))
+    start = read_checkpoint(tmp_path / "init.pt")["state_dict"]
+    moved = {}
+    for trunk_lr in ("0", "1"):  # 1: the control, where the trunk learns too
+        r = flm("train", "--data", "synthetic:24", "--init", tmp_path / "init.pt", "--trunk-lr", trunk_lr,
+                "--img-size", "64", "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--workers", "0",
+                "--out", tmp_path / trunk_lr)
+        assert r.returncode == 0, r.stderr
+        end = read_checkpoint(tmp_path / trunk_lr / "last.pt")["state_dict"]
+        moved[trunk_lr] = {k.split(".")[0] for k, v in end.items() if v.is_floating_point()
+                           and k.endswith("weight") and not torch.equal(v, start[k])}
+    assert {"stem", "stage2", "stage3", "stage4"} <= moved["1"]
+    assert moved["0"] == {"up1", "up2", "skip3", "skip2", "out"}
+
+
+@pytest.mark.parametrize("args, says", [(("--trunk-lr", "1.5"), "between 0 and 1, got 1.5"),
+                                        (("--trunk-lr", "0.5", "--model", "resnet-regressor"),
+                                         "'resnet-regressor' has none")])
+def test_a_bad_trunk_learning_rate_is_one_clear_error(tmp_path, args, says):
+    r = flm("train", "--data", "synthetic:24", *args, "--epochs", "1", "--out", tmp_path / "run")
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ convolution, then a depthwise 4x4 transposed one): `flm train --upsample light`.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -78,3 +79,17 @@ def test_a_light_model_exports_to_onnx_and_core_ml_with_parity(tmp_path):
         want = m.decode(m(torch.from_numpy(inputs.tensor))).numpy()
     np.testing.assert_allclose(got, want, atol=1e-3)
     assert np.abs(want - want.mean(axis=0)).max() > 1  # the faces' points differ: a comparison that can fail
+
+
+def test_head_layers_of_another_width_start_afresh_and_a_trunk_of_another_width_is_refused():
+    src = randomised_model("shufflenet-heatmap", seed=1, img_size=64)
+    narrow = build_model("shufflenet-heatmap", 64, {"head": [64, 48], **LIGHT})
+    head_layers = ("up1.", "up2.", "skip3.", "skip2.", "out.")
+    fresh = {k: v.clone() for k, v in narrow.state_dict().items() if k.startswith(head_layers)}
+    narrow.load_state_dict(_init_state({"spec": src.spec.to_json(), "state_dict": src.state_dict()}, narrow))
+    for k, v in narrow.state_dict().items():
+        torch.testing.assert_close(v, fresh[k] if k in fresh else src.state_dict()[k], msg=k)
+    assert len(fresh) > 10 and any(k.startswith("stage4.") for k in narrow.state_dict())
+    thinner = build_model("shufflenet-heatmap", 64, {"width": 0.5})
+    with pytest.raises(RuntimeError, match="size mismatch"):  # --init then says the weights do not fit
+        thinner.load_state_dict(_init_state({"spec": src.spec.to_json(), "state_dict": src.state_dict()}, thinner))

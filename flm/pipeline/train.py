@@ -65,6 +65,7 @@ class TrainConfig:
     head: list[int] | None = None  # heatmap head channels (two deconvolutions), for presets that have one
     gate: bool = False  # with several conventions: learn which one a face's source follows, answer in it
     upsample: str | None = None  # the heatmap head's x2 steps: deconv (the preset's) or light
+    trunk_lr: float = 1.0  # the trunk's learning rate as a fraction of lr (0: kept as --init gave it)
     out: str = "runs/train"
     device: str = "auto"
     seed: int = 0
@@ -105,12 +106,23 @@ def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: flo
                          example="flm train --aug-pose 0.5 --aug-pose-yaw 50")
 
 
+def check_trunk_lr(model: str, trunk_lr: float) -> None:
+    """UsageError unless `trunk_lr` is a fraction 0-1, and 1 for presets without a heatmap head."""
+    if not (0 <= trunk_lr <= 1):
+        raise UsageError(f"--trunk-lr is a fraction of --lr between 0 and 1, got {trunk_lr}",
+                         example="flm train --init models/flm-68.pt --upsample light --trunk-lr 0.1")
+    if trunk_lr != 1 and "head" not in get_preset(model).options:
+        raise UsageError(f"--trunk-lr is for presets with a heatmap head; {model!r} has none",
+                         example="flm train --model shufflenet-heatmap --trunk-lr 0.1")
+
+
 def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of `flm train`'s options (by their parameter names), each checked first:
     one clear error for a bad value, before any data is read."""
     o = options
     get_preset(o["model"])
     check_upsample(o.get("upsample"))
+    check_trunk_lr(o["model"], o.get("trunk_lr", 1.0))
     flip_for = dict(_name_probability(item) for item in o.get("aug_flip_for") or [])
     check_options(o["lr"], o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"], o["aug_pose_yaw"], flip_for)
     for name in ("resume", "init"):
@@ -120,7 +132,7 @@ def config_from_options(options: dict) -> TrainConfig:
     augment = AugmentConfig.from_options(o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"],
                                          o["aug_pose_yaw"])
     plain = {k: o[k] for k in ("model", "select", "heads", "val_fraction", "batch_size", "lr", "img_size", "width",
-                               "device", "seed", "workers", "max_steps", "skip_bad", "gate", "upsample") if k in o}
+                               "device", "seed", "workers", "max_steps", "skip_bad", "gate", "upsample", "trunk_lr") if k in o}
     return TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
                        val=list(o.get("val") or ["split"]), epochs=o.get("epochs") or (30 if o.get("data") else 4),
                        head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
@@ -295,6 +307,9 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
 
 
+HEAD_LAYERS = ("up1.", "up2.", "skip3.", "skip2.", "out.", "heads.")  # a heatmap head's, after the trunk
+
+
 def _head_prefix(conventions, name: str) -> str:
     """State-dict prefix of the head that follows convention `name` (the first head when unknown)."""
     i = list(conventions).index(name) if name in conventions else 0
@@ -304,22 +319,25 @@ def _head_prefix(conventions, name: str) -> str:
 def _init_state(ck: dict, model: LandmarkModel) -> dict:
     """The checkpoint's weights with output heads matched to this model's conventions by name; a
     convention the checkpoint lacks starts from its first head. A gate comes from a checkpoint of
-    the same conventions, else starts afresh; so do the upsamplings from one of another `upsample`."""
+    the same conventions, else starts afresh; so does a head layer of another shape or kind (another
+    `--head` width or `upsample`). The trunk must fit as it is."""
     if not hasattr(model, "heads"):
         return ck["state_dict"]
     src_spec = json.loads(ck["spec"])
     src_conv = tuple(src_spec.get("conventions") or ())
-    fresh = ("out.", "heads.", "gate.")
-    if src_spec.get("options", {}).get("upsample", "deconv") != model.spec.build.get("upsample", "deconv"):
-        fresh += ("up1.", "up2.")
-        log.info("the upsamplings start afresh (the checkpoint's are of another kind)")
-    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(fresh)}
-    sd.update({k: v for k, v in model.state_dict().items() if k.startswith(("up1.", "up2.")) and k not in sd})
+    sd = {k: v for k, v in ck["state_dict"].items() if not k.startswith(("out.", "heads.", "gate."))}
     gate = ck["state_dict"] if src_conv == model.spec.conventions else {}  # a gate fits its own conventions only
-    sd.update({k: gate.get(k, v) for k, v in model.state_dict().items() if k.startswith("gate.")})
+    own = model.state_dict()
+    sd.update({k: gate.get(k, v) for k, v in own.items() if k.startswith("gate.")})
     for name in model.spec.conventions or ("",):
         src, dst = _head_prefix(src_conv, name), _head_prefix(model.spec.conventions, name)
         sd.update({dst + k[len(src):]: v for k, v in ck["state_dict"].items() if k.startswith(src)})
+    kind = src_spec.get("options", {}).get("upsample", "deconv") != model.spec.build.get("upsample", "deconv")
+    afresh = sorted({k.split(".")[0] for k, v in own.items() if k.startswith(HEAD_LAYERS) and (
+        k not in sd or sd[k].shape != v.shape or kind and k.startswith(("up1.", "up2.")))})
+    sd.update({k: v for k, v in own.items() if k.split(".")[0] in afresh})
+    if afresh:
+        log.info("%s start afresh (the checkpoint's are of another shape or kind)", ", ".join(afresh))
     return sd
 
 
@@ -422,10 +440,16 @@ def _loader(cfg: TrainConfig, spec, sources, conventions, rank: int, world: int)
 def _optimiser(cfg: TrainConfig, model, total: int):
     """AdamW with a linear warm-up into a cosine decay over `total` steps; a gate (a linear classifier
     on detached features, see `ShuffleNetHeatmap`) learns at 10x the rate, so that a short fine-tune
-    of a trained model is enough for it."""
-    gate = [p for n, p in model.named_parameters() if n.startswith("gate.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("gate.")]
-    groups = [{"params": rest}] + ([{"params": gate, "lr": cfg.lr * 10}] if gate else [])
+    of a trained model is enough for it; the trunk (all but the heatmap head and the gate) at
+    `trunk_lr` x the rate, not at all at 0 (its BatchNorm statistics still follow the data)."""
+    part = {"head": [], "trunk": [], "gate": []}
+    for n, p in model.named_parameters():
+        kind = "gate" if n.startswith("gate.") else "trunk" if cfg.trunk_lr != 1 and not n.startswith(HEAD_LAYERS) \
+            else "head"
+        p.requires_grad_(kind != "trunk" or cfg.trunk_lr > 0)  # a frozen trunk: no gradients to compute
+        part[kind].append(p)
+    groups = [{"params": part["head"]}] + [{"params": part[k], "lr": cfg.lr * f} for k, f in
+                                           (("trunk", cfg.trunk_lr), ("gate", 10)) if part[k] and f > 0]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = min(200, total // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
