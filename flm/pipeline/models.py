@@ -77,6 +77,9 @@ SHUFFLE_WIDTHS = {0.5: (24, 48, 96, 192), 1.0: (24, 116, 232, 464), 1.5: (24, 17
                   2.0: (24, 244, 488, 976)}
 
 
+HEAD_LAYERS = ("up1.", "up2.", "skip3.", "skip2.", "out.", "heads.")  # ShuffleNetHeatmap's, after its trunk
+
+
 class ShuffleNetHeatmap(LandmarkModel):
     """ShuffleNetV2 trunk (no conv5) + two x2 upsamplings to stride 8, one heatmap per point.
 

@@ -42,8 +42,8 @@ from flm.pipeline.data import LandmarkDataset, Source, open_sources
 from flm.pipeline.evaluate import (CropDataset, head_of, mean_shape_baseline, point_subset,
                                    predict_crops, yaw_bin_masks)
 from flm.pipeline.reports import write_training_reports
-from flm.pipeline.models import (LandmarkModel, build_model, check_upsample, count_parameters, get_preset,
-                                 preset_options)
+from flm.pipeline.models import (HEAD_LAYERS, LandmarkModel, build_model, check_upsample, count_parameters,
+                                 get_preset, preset_options)
 
 log = logging.getLogger("flm")
 
@@ -305,9 +305,6 @@ def _val_scores(model, vals: list[ValSet], device, rank: int, world: int, select
 def _write_metrics(out: Path, history: list[dict]) -> None:
     with atomic_path(out / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-
-HEAD_LAYERS = ("up1.", "up2.", "skip3.", "skip2.", "out.", "heads.")  # a heatmap head's, after the trunk
 
 
 def _head_prefix(conventions, name: str) -> str:
