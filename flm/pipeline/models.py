@@ -130,15 +130,20 @@ class ShuffleNetHeatmap(LandmarkModel):
         if head is None and self.gate is None or not len(self.heads):
             return self.out(y)
         if head is None:
-            return _blend(y, (self.out, *self.heads), self.gate(pooled))
+            return _blend(y, *self._head_weights(), self.gate(pooled))
         raw = self._every_head(y)[torch.arange(len(x), device=x.device), head]
         return (raw, self.gate(pooled.detach())) if with_gate else raw
 
+    def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's 1x1 weights (S, K, C) and biases (S, K), conventions in the spec's order."""
+        heads = (self.out, *self.heads)
+        return torch.stack([h.weight.flatten(1) for h in heads]), torch.stack([h.bias for h in heads])
+
     def _every_head(self, y):
         """(N, S, K, h, w) logits of every head, as one convolution (training: a head per face)."""
-        heads = (self.out, *self.heads)
-        every = F.conv2d(y, torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads]))
-        return every.reshape(-1, len(heads), self.spec.num_points, *every.shape[2:])
+        weight, bias = self._head_weights()
+        every = F.conv2d(y, weight.flatten(0, 1)[..., None, None], bias.flatten())
+        return every.reshape(-1, *weight.shape[:2], *every.shape[2:])
 
     def convention_head(self, name: str) -> nn.Conv2d:
         """The output layer of convention `name` (KeyError naming the known ones)."""
@@ -149,18 +154,17 @@ class ShuffleNetHeatmap(LandmarkModel):
         return self.out if i == 0 else self.heads[i - 1]
 
 
-def _blend(y: torch.Tensor, heads, gate_logits: torch.Tensor) -> torch.Tensor:
-    """The heads' heatmap logits on features `y`, weighted by the gate's probabilities (a geometric
-    mixture of their distributions): with a sure gate the answer is that head's, in between it moves
-    from one head's points towards the other's. Measured as accurate as mixing the heads' points on
-    the validation sets (the model card). The heads are linear (1x1 convolutions), so their weights
-    are blended first, per face, and applied once: the cost of one head, not one per convention."""
+def _blend(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """The heads' heatmap logits on features `y` (heads of `weight` (S, K, C) and `bias` (S, K)),
+    weighted by the gate's probabilities (a geometric mixture of their distributions): with a sure
+    gate the answer is that head's, in between it moves from one head's points towards the other's.
+    Measured as accurate as mixing the heads' points on the validation sets (the model card). The
+    heads are linear (1x1 convolutions), so their weights are blended first, per face, and applied
+    once: the cost of one head, not one per convention."""
     w = torch.softmax(gate_logits, dim=1)  # (N, S)
-    weight = torch.stack([h.weight.flatten(1) for h in heads])  # (S, K, C)
-    bias = torch.stack([h.bias for h in heads])  # (S, K)
     n, c, hh, ww = y.shape
-    k = weight.shape[1]
-    per_face = (w @ weight.reshape(len(heads), -1)).reshape(n, k, c)
+    s, k, _ = weight.shape
+    per_face = (w @ weight.reshape(s, -1)).reshape(n, k, c)
     return (torch.bmm(per_face, y.reshape(n, c, hh * ww)) + (w @ bias).unsqueeze(2)).reshape(n, k, hh, ww)
 
 

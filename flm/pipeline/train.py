@@ -132,7 +132,8 @@ def config_from_options(options: dict) -> TrainConfig:
     augment = AugmentConfig.from_options(o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"],
                                          o["aug_pose_yaw"])
     plain = {k: o[k] for k in ("model", "select", "heads", "val_fraction", "batch_size", "lr", "img_size", "width",
-                               "device", "seed", "workers", "max_steps", "skip_bad", "gate", "upsample", "trunk_lr") if k in o}
+                               "device", "seed", "workers", "max_steps", "skip_bad", "gate", "upsample",
+                               "trunk_lr") if k in o}
     return TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
                        val=list(o.get("val") or ["split"]), epochs=o.get("epochs") or (30 if o.get("data") else 4),
                        head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
