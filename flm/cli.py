@@ -25,6 +25,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, check and generate landmark datasets.")
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
+DATA_HELP = ("FORMAT:PATH[@WEIGHT], repeatable (sources mixed, each drawn WEIGHT x its size per epoch); "
+             "default: the built-in synthetic set.")
+VAL_HELP = ("FORMAT:PATH scored every epoch, or 'split' (hold out 15 %% of the people / photos of every --data); "
+            "repeatable; default: split.")
 SELECT_HELP = "The validation set (by name) whose NME picks best.pt, or 'mean' over all of them."
 NPROC_HELP = "Train in N processes on this machine (runs this command under torchrun; --batch-size is per process)."
 log = logging.getLogger("flm")
@@ -47,12 +51,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
 def train(
     ctx: typer.Context,
     model: str = typer.Option("shufflenet-heatmap", "--model", "-m", help="Preset name (see `flm models`)."),
-    data: Optional[list[str]] = typer.Option(None, "--data", "-d", help="FORMAT:PATH[@WEIGHT], repeatable "
-                                             "(sources mixed, each drawn WEIGHT x its size per epoch); "
-                                             "default: the built-in synthetic set."),
-    val: Optional[list[str]] = typer.Option(None, "--val", help="FORMAT:PATH scored every epoch, or "
-                                            "'split' (hold out 15 %% of the people / photos of every "
-                                            "--data); repeatable; default: split."),
+    data: Optional[list[str]] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    val: Optional[list[str]] = typer.Option(None, "--val", help=VAL_HELP),
     select: str = typer.Option("mean", "--select", help=SELECT_HELP),
     heads: bool = typer.Option(True, "--heads/--one-head", help="One output head per annotation convention "
                                "(each --data folder name) when the sources follow several."),
@@ -68,6 +68,8 @@ def train(
     head: Optional[str] = typer.Option(None, "--head", help="Heatmap head channels C1,C2 (default 192,128)."),
     upsample: Optional[str] = typer.Option(None, "--upsample", help="Its x2 steps: deconv (default) or light."),
     trunk_lr: float = typer.Option(1.0, "--trunk-lr", help="Trunk learning rate, a fraction of --lr (0: frozen)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="A trained checkpoint whose heatmaps it learns too."),
+    teacher_weight: float = typer.Option(1.0, "--teacher-weight", help="Weight of --teacher's term in the loss."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o"),
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),
     seed: int = typer.Option(0),

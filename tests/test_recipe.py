@@ -59,6 +59,8 @@ def test_the_balanced_models_recipe_starts_light_upsamplings_from_flm_68():
     ('out = "r"\n[[stage]]\nname = "a"\ngate = "yes"\n', "stage 'a': gate is true or false, got 'yes'"),
     ('out = "r"\n[[stage]]\nname = "a"\nupsample = "bilinear"\n', "--upsample 'bilinear': expected one of deconv, light"),
     ('out = "r"\n[[stage]]\nname = "a"\ntrunk_lr = -0.1\n', "--trunk-lr is a fraction of --lr between 0 and 1"),
+    ('out = "r"\n[[stage]]\nname = "a"\nteacher = "zz"\n', "teacher 'zz' is neither an earlier stage"),
+    ('out = "r"\n[[stage]]\nname = "a"\nteacher_weight = 0\n', "--teacher-weight must be a positive number, got 0"),
 ])
 def test_a_bad_recipe_is_refused_before_any_stage_runs(tmp_path, text, words):
     path = tmp_path / "bad.toml"

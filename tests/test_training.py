@@ -172,3 +172,40 @@ def test_a_bad_trunk_learning_rate_is_one_clear_error(tmp_path, args, says):
     r = flm("train", "--data", "synthetic:24", *args, "--epochs", "1", "--out", tmp_path / "run")
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _kl_to(teacher, student, crops) -> float:
+    from flm.pipeline.train import heatmap_kl
+    x = torch.stack([crops[i][0] for i in range(len(crops))])
+    with torch.no_grad():  # the student on batch statistics: ten steps leave its running ones behind
+        return float(heatmap_kl(torch.softmax(teacher.eval()(x).flatten(2), -1), student.train()(x)))
+
+
+def test_a_teacher_pulls_the_model_towards_its_heatmaps(tmp_path, faces):
+    """Distillation: trained with `teacher`, the model's heatmaps on held-out faces end closer to the
+    teacher's than the same training without it (the control); the spec names the teacher."""
+    from flm.pipeline.evaluate import CropDataset
+    tr, va = faces
+    teacher = randomised_model("shufflenet-heatmap", seed=4, img_size=64)
+    with torch.no_grad():
+        teacher.out.weight.mul_(10)  # sharp peaks in places of its own, far from the faces' points
+    path = save_checkpoint(tmp_path / "teacher.pt", teacher)
+    taught = train(small_cfg(tmp_path / "t", teacher=str(path), teacher_weight=5), tr, va)
+    alone = train(small_cfg(tmp_path / "a"), tr, va)
+    assert taught["epochs_done"] == alone["epochs_done"] == 2
+    teacher, crops = load_model(path), CropDataset(va, load_model(path).spec)
+    kl = {name: _kl_to(teacher, load_model(tmp_path / name / "run" / "last.pt"), crops) for name in ("t", "a")}
+    assert kl["t"] < 0.7 * kl["a"], kl
+    assert f"taught by {path}" in load_model(tmp_path / "t" / "run" / "last.pt").spec.training_data
+
+
+@pytest.mark.parametrize("args, says", [(("--teacher-weight", "0"), "--teacher-weight must be a positive number"),
+                                        (("--teacher", "T96", "--img-size", "64"),
+                                         "heatmap_size 12 (this model: 8); input_size 96 (this model: 64)"),
+                                        (("--teacher", "nowhere.pt"), "--teacher nowhere.pt: file not found")])
+def test_a_teacher_that_cannot_teach_is_one_clear_error(tmp_path, args, says):
+    save_checkpoint(tmp_path / "T96", build_model("shufflenet-heatmap", 96))
+    args = [str(tmp_path / "T96") if a == "T96" else a for a in args]
+    r = flm("train", "--data", "synthetic:24", *args, "--epochs", "1", "--out", tmp_path / "run")
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@
 A recipe names an output folder and a list of `[[stage]]` tables; each stage is one `flm train`
 job whose keys are that command's options with underscores (`data`, `val`, `epochs`, `lr`,
 `img_size`, `aug_pose`, ...). `init = "STAGE"` starts a stage from an earlier stage's best.pt
-(or `init = "PATH.pt"` from a file). Top-level keys other than `out` and `stage` are defaults for
+(or `init = "PATH.pt"` from a file); `teacher` takes the same two forms. Top-level keys other than `out` and `stage` are defaults for
 every stage. Each stage writes to OUT/NAME; a finished stage leaves `done.json` there and is
 skipped on a rerun, and an unfinished one (killed, Ctrl-C) resumes from its last.pt, so the
 whole recipe can be stopped and rerun at any point and ends where an uninterrupted run would.
@@ -22,7 +22,7 @@ from flm.errors import UsageError
 from flm.fileio import atomic_path
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.models import check_upsample
-from flm.pipeline.train import TrainConfig, check_options, check_trunk_lr
+from flm.pipeline.train import TrainConfig, check_options, check_teacher_weight, check_trunk_lr
 
 _AUG = {"aug_strength": 1.0, "aug_crop": 1.0, "aug_flip": 0.5, "aug_pose": 0.0, "aug_pose_yaw": 50.0}
 _CONFIG = {f.name for f in fields(TrainConfig)} - {"augment", "resume", "out"}
@@ -62,12 +62,8 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
         raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: "
                          f"{', '.join(sorted(_CONFIG | set(_AUG)))}", example=_EXAMPLE)
     aug = {k: float(keys.pop(k, v)) for k, v in _AUG.items()}
-    init = keys.get("init")
-    if init is not None and init in earlier:
-        keys["init"] = str(base / init / "best.pt")
-    elif init is not None and not Path(init).is_file():
-        raise UsageError(f"{where}: init {init!r} is neither an earlier stage ({', '.join(earlier) or 'none'}) "
-                         "nor a checkpoint file", example='init = "s1"')
+    for k in ("init", "teacher"):
+        keys[k] = _checkpoint(k, keys.get(k), base, earlier, where)
     if not isinstance(keys.get("flip_for", {}), dict):
         raise UsageError(f"{where}: flip_for maps convention names to flip probabilities (0-1), got "
                          f"{keys['flip_for']!r}", example='flip_for = { "300w-train" = 0.5 }')
@@ -83,11 +79,22 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
         raise UsageError(f"{where}: {e}", example=_EXAMPLE) from None
     check_upsample(cfg.upsample)
     check_trunk_lr(cfg.model, cfg.trunk_lr)
+    check_teacher_weight(cfg.teacher_weight)
     check_options(cfg.lr, aug["aug_strength"], aug["aug_crop"], aug["aug_flip"], aug["aug_pose"],
                   aug["aug_pose_yaw"], cfg.flip_for)
     cfg.augment = AugmentConfig.from_options(aug["aug_strength"], aug["aug_crop"], aug["aug_flip"],
                                              aug["aug_pose"], aug["aug_pose_yaw"])
     return cfg
+
+
+def _checkpoint(key: str, value, base: Path, earlier: list[str], where: str) -> str | None:
+    """An `init` or `teacher` value: an earlier stage's best.pt, or a checkpoint file."""
+    if value is not None and value in earlier:
+        return str(base / value / "best.pt")
+    if value is not None and not Path(value).is_file():
+        raise UsageError(f"{where}: {key} {value!r} is neither an earlier stage ({', '.join(earlier) or 'none'}) "
+                         "nor a checkpoint file", example=f'{key} = "s1"')
+    return value
 
 
 def run_recipe(path: Path, run_stage, max_steps: int | None = None) -> list[dict]:

@@ -37,7 +37,7 @@ from flm.errors import TrainingError, UsageError
 from flm.fileio import atomic_path, sweep_temporaries
 from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
-from flm.pipeline.checkpoint import read_checkpoint, save_checkpoint, state_digest
+from flm.pipeline.checkpoint import load_model, read_checkpoint, save_checkpoint, state_digest
 from flm.pipeline.data import LandmarkDataset, Source, open_sources
 from flm.pipeline.evaluate import (CropDataset, head_of, mean_shape_baseline, point_subset,
                                    predict_crops, yaw_bin_masks)
@@ -66,6 +66,8 @@ class TrainConfig:
     gate: bool = False  # with several conventions: learn which one a face's source follows, answer in it
     upsample: str | None = None  # the heatmap head's x2 steps: deconv (the preset's) or light
     trunk_lr: float = 1.0  # the trunk's learning rate as a fraction of lr (0: kept as --init gave it)
+    teacher: str | None = None  # a trained checkpoint whose heatmaps the model learns too (distillation)
+    teacher_weight: float = 1.0  # weight of the KL to the teacher's heatmaps, beside the usual loss
     out: str = "runs/train"
     device: str = "auto"
     seed: int = 0
@@ -116,6 +118,13 @@ def check_trunk_lr(model: str, trunk_lr: float) -> None:
                          example="flm train --model shufflenet-heatmap --trunk-lr 0.1")
 
 
+def check_teacher_weight(weight: float) -> None:
+    """UsageError unless the teacher's weight is a positive number."""
+    if not (math.isfinite(weight) and weight > 0):
+        raise UsageError(f"--teacher-weight must be a positive number, got {weight}",
+                         example="flm train --teacher models/flm-68.pt --teacher-weight 1")
+
+
 def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of `flm train`'s options (by their parameter names), each checked first:
     one clear error for a bad value, before any data is read."""
@@ -123,9 +132,10 @@ def config_from_options(options: dict) -> TrainConfig:
     get_preset(o["model"])
     check_upsample(o.get("upsample"))
     check_trunk_lr(o["model"], o.get("trunk_lr", 1.0))
+    check_teacher_weight(o.get("teacher_weight", 1.0))
     flip_for = dict(_name_probability(item) for item in o.get("aug_flip_for") or [])
     check_options(o["lr"], o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"], o["aug_pose_yaw"], flip_for)
-    for name in ("resume", "init"):
+    for name in ("resume", "init", "teacher"):
         if o.get(name) is not None and not Path(o[name]).is_file():
             raise UsageError(f"--{name} {o[name]}: file not found",
                              example=f"flm train --{name} runs/train/{'last' if name == 'resume' else 'best'}.pt")
@@ -133,11 +143,12 @@ def config_from_options(options: dict) -> TrainConfig:
                                          o["aug_pose_yaw"])
     plain = {k: o[k] for k in ("model", "select", "heads", "val_fraction", "batch_size", "lr", "img_size", "width",
                                "device", "seed", "workers", "max_steps", "skip_bad", "gate", "upsample",
-                               "trunk_lr") if k in o}
+                               "trunk_lr", "teacher_weight") if k in o}
     return TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
                        val=list(o.get("val") or ["split"]), epochs=o.get("epochs") or (30 if o.get("data") else 4),
                        head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
-                       resume=_text(o.get("resume")), init=_text(o.get("init")), augment=augment, flip_for=flip_for)
+                       resume=_text(o.get("resume")), init=_text(o.get("init")), teacher=_text(o.get("teacher")),
+                       augment=augment, flip_for=flip_for)
 
 
 def _text(path) -> str | None:
@@ -261,11 +272,15 @@ def landmark_loss(model: LandmarkModel, raw: torch.Tensor, target: torch.Tensor,
     if spec.output == "heatmap" and cfg.heatmap_weight > 0:
         t = np.stack([gaussian_heatmaps(p, spec.heatmap_size, spec.input_size, cfg.heatmap_sigma)
                       for p in target.detach().cpu().numpy()])
-        t = torch.from_numpy(t).to(raw.device).flatten(2)
-        logp = F.log_softmax(raw.flatten(2), dim=-1)
-        kl = (t * (torch.log(t.clamp_min(1e-12)) - logp)).sum(-1).mean()
-        loss = loss + cfg.heatmap_weight * kl
+        loss = loss + cfg.heatmap_weight * heatmap_kl(torch.from_numpy(t).to(raw.device).flatten(2), raw)
     return loss
+
+
+def heatmap_kl(target: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(raw)) of every map, averaged: `target` (N, K, H*W) probabilities, `raw`
+    (N, K, H, W) heatmap logits."""
+    logp = F.log_softmax(raw.flatten(2), dim=-1)
+    return (target * (torch.log(target.clamp_min(1e-12)) - logp)).sum(-1).mean()
 
 
 @dataclass
@@ -398,9 +413,10 @@ def conventions_of(cfg: TrainConfig, sources) -> tuple[str, ...]:
     return names if len(names) > 1 and cfg.heads and heatmap else ()
 
 
-def _describe_sources(sources, init: str | None) -> str:
+def _describe_sources(sources, init: str | None, teacher: str | None = None) -> str:
     text = "; ".join(f"{ds.name} x{src.weight:g} [{src.convention}, {len(ds)} faces]" for src, ds in sources)
-    return f"{text} (from {init})" if init else text
+    origin = "; ".join(f"{what} {path}" for what, path in (("from", init), ("taught by", teacher)) if path)
+    return f"{text} ({origin})" if origin else text
 
 
 def _build(cfg: TrainConfig, sources, device) -> tuple[LandmarkModel, tuple[str, ...]]:
@@ -411,8 +427,29 @@ def _build(cfg: TrainConfig, sources, device) -> tuple[LandmarkModel, tuple[str,
         model = build_model(cfg.model, spec=model.spec.with_(conventions=conventions))
     if cfg.init and not cfg.resume:
         _load_init_weights(model, cfg.init)
-    model.spec = model.spec.with_(training_data=_describe_sources(sources, cfg.init))
+    model.spec = model.spec.with_(training_data=_describe_sources(sources, cfg.init, cfg.teacher))
     return model.to(device), conventions
+
+
+# What must agree for a teacher's heatmaps to be targets for the model's: same maps of the same input.
+_TEACHER_SPEC = ("output", "heatmap_size", "input_size", "num_points", "scheme", "conventions", "channels",
+                 "color_order", "mean", "std")
+
+
+def _load_teacher(cfg: TrainConfig, model: LandmarkModel, device) -> LandmarkModel | None:
+    """The `--teacher` model, frozen in eval mode (None without one); one clear error when its
+    heatmaps are not maps of the same points on the same input as the model's."""
+    if not cfg.teacher:
+        return None
+    teacher = load_model(cfg.teacher)
+    differ = [f"{k} {getattr(teacher.spec, k)!r} (this model: {getattr(model.spec, k)!r})"
+              for k in _TEACHER_SPEC if getattr(teacher.spec, k) != getattr(model.spec, k)]
+    if model.spec.output != "heatmap" or differ:
+        raise UsageError(f"--teacher {cfg.teacher}: its heatmaps cannot teach this {cfg.model} model: "
+                         f"{'; '.join(differ) or 'the model outputs coordinates, not heatmaps'}",
+                         example="flm train --init models/flm-68.pt --teacher models/flm-68.pt --upsample light")
+    teacher.requires_grad_(False)
+    return teacher.to(device)
 
 
 def _loader(cfg: TrainConfig, spec, sources, conventions, rank: int, world: int):
@@ -474,6 +511,7 @@ class _Run:
     history: list = field(default_factory=list)
     best: float = float("inf")
     carry: tuple = (0.0, 0)  # loss sum and count of this epoch's steps before a mid-epoch resume
+    teacher: LandmarkModel | None = None  # see `_load_teacher`
     t0: float = field(default_factory=time.perf_counter)
 
     def state(self, epoch: int, step: int, epoch_loss=(0.0, 0)) -> dict:
@@ -511,13 +549,23 @@ def _resume(run: _Run, path: str) -> None:
 
 def _step_loss(run: _Run, x, target, heads) -> torch.Tensor:
     """The landmark loss of a batch (each face through its convention's head), plus the gate's
-    cross-entropy on the faces' conventions for a gated model."""
-    if heads is None:
-        return landmark_loss(run.model, run.net(x), target, run.cfg)
-    if not run.model.spec.gated:
-        return landmark_loss(run.model, run.net(x, heads), target, run.cfg)
-    raw, gate = run.net(x, heads, with_gate=True)
-    return landmark_loss(run.model, raw, target, run.cfg) + F.cross_entropy(gate, heads)
+    cross-entropy on the faces' conventions for a gated model, plus the KL to a teacher's heatmaps
+    (of the same heads) times `teacher_weight`."""
+    gated = heads is not None and run.model.spec.gated
+    raw, gate = run.net(x, heads, with_gate=True) if gated else (run.net(*_inputs(x, heads)), None)
+    loss = landmark_loss(run.model, raw, target, run.cfg)
+    if gated:
+        loss = loss + F.cross_entropy(gate, heads)
+    if run.teacher is not None:
+        with torch.no_grad():
+            taught = torch.softmax(run.teacher(*_inputs(x, heads)).flatten(2), -1)
+        loss = loss + run.cfg.teacher_weight * heatmap_kl(taught, raw)
+    return loss
+
+
+def _inputs(x, heads) -> tuple:
+    """A model's forward arguments: the images, and each face's head when there are several."""
+    return (x,) if heads is None else (x, heads)
 
 
 def _train_epoch(run: _Run, loader, head_of_face, conventions, stop, progress) -> tuple[list, int, float, str | None]:
@@ -621,15 +669,16 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
         vals = [ValSet("val", vals)]
     rank, world, device = join_process_group(pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
+    model, conventions = _build(cfg, sources, device)
+    teacher = _load_teacher(cfg, model, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         sweep_temporaries(out)
-    model, conventions = _build(cfg, sources, device)
     loader, sampler, head_of_face = _loader(cfg, model.spec, sources, conventions, rank, world)
     steps_per_epoch = max(1, len(loader))
     opt, sched = _optimiser(cfg, model, steps_per_epoch * cfg.epochs)
-    run = _Run(cfg, model, model, opt, sched, out, rank, world, device, steps_per_epoch)
+    run = _Run(cfg, model, model, opt, sched, out, rank, world, device, steps_per_epoch, teacher=teacher)
     if cfg.resume:
         _resume(run, cfg.resume)
     if world > 1:  # after resuming: DDP starts every rank from rank 0's weights and averages gradients
