@@ -25,7 +25,7 @@ demo: setup
     # real photographs (NASA's astronaut portrait, inside scikit-image's wheel), the default detector and model
     {{flm}} sample-photos --out runs/demo/photos
     {{flm}} detect runs/demo/photos --out runs/demo/detections-real --json runs/demo/detections-real/faces.json
-    @echo "synthetic faces: runs/demo/detections (the model just trained), runs/demo/detections-shipped (flm-68)"
+    @echo "synthetic faces: runs/demo/detections (the model just trained), runs/demo/detections-shipped (the default shipped model)"
     @echo "real photos, open: runs/demo/detections-real/astronaut.jpg (and astronaut-mirrored-tilted.jpg):"
     @echo "  68 landmarks coloured by region, the face box with its detector score, head-pose axes at the nose"
 

@@ -1,6 +1,6 @@
 """The runtime's detector box corrections and refinement defaults, refitted and measured in one run.
 
-    python benchmarks/defaults.py [--model flm/assets/flm-68.onnx] [--limit N] [--fit-limit N]
+    python benchmarks/defaults.py [--model flm/assets/NAME.onnx] [--limit N] [--fit-limit N]
                                   [--json benchmarks/results/defaults.json]
 
 1. Fit (training faces only). Each detector's `BoxAdjust` (flm/runtime/detectors.py: the median
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from flm.fileio import atomic_path  # noqa: E402
 from flm.geometry import landmark_box, nme, normaliser  # noqa: E402
 from flm.pipeline.data import open_dataset  # noqa: E402  (torch-free)
+from flm.runtime.shipped import ASSETS, DEFAULT_NAME  # noqa: E402
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions  # noqa: E402
 from flm.runtime.detectors import BoxAdjust, HaarDetector, YuNetDetector, box_iou, calibrate_box_adjust  # noqa: E402
 
@@ -295,7 +296,7 @@ def print_report(report: dict) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "flm/assets/flm-68.onnx"), help="flm ONNX file")
+    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"), help="flm ONNX file (default: the default shipped model)")
     ap.add_argument("--yunet", default=str(SHARED / "peers" / "yunet-n-320.onnx"), help="YuNet ONNX file")
     ap.add_argument("--fit-limit", type=int, default=400, help="training faces per set for the fit (0: all)")
     ap.add_argument("--limit", type=int, default=0, help="validation faces per set (0: all)")

@@ -1,6 +1,6 @@
 """Stability on video: flm's video mode next to its image mode and the peers, on clips made from real stills.
 
-    python benchmarks/stability.py [--model flm/assets/flm-68.onnx] [--faces 4] [--smoothing 0.5,4,1 ...]
+    python benchmarks/stability.py [--model flm/assets/NAME.onnx] [--faces 4] [--smoothing 0.5,4,1 ...]
     python benchmarks/stability.py --calibrate [--model ...]   # measures FaceLandmarkerOptions.track_min_quality
 
 The clips (exact ground truth): a face from the held-out validation sets (youtube-faces-68 and
@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from accuracy import PEERS, PFLD, Peppa, haar_boxes, validation_part  # noqa: E402  (benchmarks/)
 from flm.geometry import landmark_box, transform_points  # noqa: E402
+from flm.runtime.shipped import ASSETS, DEFAULT_NAME  # noqa: E402
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions, box_iou  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -396,7 +397,7 @@ def tracked_quality(quality, rgb, points, rng) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "flm/assets/flm-68.onnx"), help="flm ONNX file")
+    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"), help="flm ONNX file (default: the default shipped model)")
     ap.add_argument("--faces", type=int, default=4, help="clips, one face each (half from each validation set)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoothing", action="append", default=[], metavar="MIN_CUTOFF,BETA,D_CUTOFF",

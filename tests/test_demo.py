@@ -19,6 +19,7 @@ from flm.cli import main as cli_main
 from flm.runtime import FaceLandmarker, annotate
 
 from flm.runtime.samples import TILT_DEGREES, astronaut_rgb
+from flm.runtime.shipped import DEFAULT_NAME
 
 needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
                                    reason="scikit-image (the demo extra, pip install 'flm[demo]') is not installed")
@@ -69,7 +70,7 @@ def test_sample_photos_are_the_astronaut_portrait(demo):
 @needs_skimage
 def test_flm_detect_finds_and_landmarks_the_real_face(demo):
     doc = json.loads((demo / "faces.json").read_text())
-    assert doc["detector"] == "haar" and doc["model"].endswith("flm-68.onnx") and doc["spec"]["num_points"] == 68
+    assert doc["detector"] == "haar" and doc["model"].endswith(f"{DEFAULT_NAME}.onnx") and doc["spec"]["num_points"] == 68
     files = {Path(f["path"]).name: f for f in doc["files"]}
     for name, truth in (("astronaut.jpg", {k: np.array(v) for k, v in ASTRONAUT.items()}),
                         ("astronaut-mirrored-tilted.jpg", _tilted_truth())):

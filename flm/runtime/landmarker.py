@@ -86,17 +86,19 @@ class FaceLandmarkerOptions:
         source's default — 0 for app boxes (`detect(image, boxes=...)`), 1 for YuNet, 2 for Haar
         (and 1 for "none", not measured). Each is the refine with the lowest mean NME over three
         validation sets (a tie goes to fewer passes), from `python benchmarks/defaults.py` with
-        the shipped flm-68 (results: benchmarks/results/defaults.json); mean NME %, refine 0 / 1 / 2:
+        the default model, flm-68-distilled (results: benchmarks/results/defaults.json); mean NME %,
+        refine 0 / 1 / 2:
                    youtube held-out    300w held-out       aflw2000-3d-val     mean
-          app box  4.05 / 4.17 / 4.21  3.87 / 3.86 / 3.88  4.79 / 4.87 / 4.93  4.24 / 4.30 / 4.34
-          Haar     5.03 / 4.46 / 4.29  4.92 / 4.38 / 4.23  5.03 / 4.61 / 4.69  4.99 / 4.48 / 4.40
-          YuNet    4.31 / 4.24 / 4.25  4.00 / 3.91 / 3.89  5.32 / 5.23 / 5.28  4.55 / 4.46 / 4.48
+          app box  4.09 / 4.22 / 4.27  3.86 / 3.86 / 3.88  4.65 / 4.78 / 4.76  4.20 / 4.29 / 4.30
+          Haar     5.11 / 4.55 / 4.39  4.92 / 4.41 / 4.25  5.10 / 4.78 / 4.68  5.05 / 4.58 / 4.44
+          YuNet    4.37 / 4.31 / 4.30  3.97 / 3.86 / 3.89  5.36 / 5.32 / 5.31  4.57 / 4.50 / 4.50
         (567 / 301 / 198 faces; youtube and 300w inter-ocular, aflw2000 over the landmark box
         sqrt(w*h); app box = the tight box of the true landmarks; faces a detector missed, Haar
         25 / 29 / 74 and YuNet 0 / 0 / 1, are left out of its row). A pass helps a rough box
         and costs a little on a good one (the model's crop of its own landmark box is not the
-        exact box). The three earlier flm-68 models (s8, youtube data only; m2; m3) chose the
-        same defaults (s8 app box 5.45 / 5.67 / 5.83 %).
+        exact box). flm-68 (app box means 4.24 / 4.30 / 4.34, Haar 4.99 / 4.48 / 4.40, YuNet 4.55 /
+        4.46 / 4.48) and the three flm-68 models before it (s8, youtube data only; m2; m3) chose
+        the same defaults (s8 app box 5.45 / 5.67 / 5.83 %).
     threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     providers: onnxruntime execution providers (default: CPU).
     color: channel order of 3/4-channel arrays given to `detect`: "BGR" (OpenCV) or "RGB".
@@ -131,7 +133,7 @@ class FaceLandmarkerOptions:
         lost, and the detector runs on that frame to find it again (same track id if found near
         where it was, the track ends if not). Measured with the shipped flm-68 on 218 held-out
         faces (every 4th of youtube-faces-68's and 300w-train's; `python benchmarks/stability.py
-        --calibrate`, benchmarks/results/stability-calibration.json): crops cut from the true
+        --calibrate`): crops cut from the true
         landmark box score 0.127 at the 0.5th percentile (median 0.139), a face rolled 12 deg and
         cropped 10 % off, as a fast-moving face is, 0.121 (median 0.138); windows of the same size
         elsewhere in the photo, without the face, 0.097 at the 95th percentile and 0.107 at the
@@ -140,7 +142,11 @@ class FaceLandmarkerOptions:
         of the half-out faces in one frame (the two previous flm-68: 96-99.6 % and 99 %, the same
         0.11); it sits near the empty windows' high end because a face lost by mistake costs a
         detector run (and its track, if the detector misses it), while a track kept on an empty
-        crop is tested again on the next frame. A model with another heatmap size needs its
+        crop is tested again on the next frame. The default model since, flm-68-distilled (same
+        24x24 heatmaps, taught by flm-68; benchmarks/results/stability-calibration.json): moved
+        faces 0.112 at the 0.5th percentile (median 0.139), empty windows 0.095 at the 99th, half
+        out 0.088; at 0.11 one moved face of 218 is lost (it scores under 0.10 as well), every
+        empty window and 99.5 % of the half-out faces are dropped, so 0.11 stays. A model with another heatmap size needs its
         own value; for a model without confidence (always 1.0) only a landmark box whose centre
         leaves the image ends a track.
     track_iou: a face (a detection, or with tracking off the next frame's face) whose landmark

@@ -24,7 +24,7 @@ from flm.runtime.modelfile import open_session, read_spec
 from flm.spec import ModelSpec
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_NAME = "flm-68"  # the model FaceLandmarker.create() and flm detect use when given none
+DEFAULT_NAME = "flm-68-distilled"  # the model FaceLandmarker.create() and flm detect use when given none
 SUFFIX = ".onnx"
 
 
