@@ -30,13 +30,14 @@ def test_the_shipped_models_recipe_reads_and_chains_its_stages():
 
 def test_the_fast_models_recipe_builds_its_narrow_network():
     base, stages = load_recipe(REPO / "recipes" / "flm-68-fast.toml")
-    assert [n for n, _ in stages] == ["f1", "f2", "f3", "f4"] and base == Path("runs/flm-68-fast")
+    assert [n for n, _ in stages] == ["f1", "f2", "f3", "f4", "f5"] and base == Path("runs/flm-68-fast")
     cfg = dict(stages)
     assert (cfg["f1"].epochs, cfg["f1"].stop_epoch) == (40, 2) and cfg["f3"].init == str(base / "f2" / "best.pt")
     model = build_model(cfg["f3"].model, cfg["f3"].img_size, cfg["f3"].preset_options())
     assert model.spec.input_size == 160 and model.spec.build == {"head": (128, 96), "width": 0.5}
     assert model.out.in_channels == 96 and 700_000 < count_parameters(model) < 800_000
     assert cfg["f4"].gate and not cfg["f3"].gate and cfg["f4"].init == str(base / "f3" / "best.pt")
+    assert cfg["f5"].init == str(base / "f4" / "best.pt") and cfg["f5"].teacher == "models/flm-68-balanced.pt"
 
 
 def test_the_balanced_models_recipe_starts_light_upsamplings_from_flm_68():
