@@ -296,7 +296,8 @@ def print_report(report: dict) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"), help="flm ONNX file (default: the default shipped model)")
+    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"),
+                    help="flm ONNX file (default: the default shipped model)")
     ap.add_argument("--yunet", default=str(SHARED / "peers" / "yunet-n-320.onnx"), help="YuNet ONNX file")
     ap.add_argument("--fit-limit", type=int, default=400, help="training faces per set for the fit (0: all)")
     ap.add_argument("--limit", type=int, default=0, help="validation faces per set (0: all)")

@@ -397,7 +397,8 @@ def tracked_quality(quality, rgb, points, rng) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"), help="flm ONNX file (default: the default shipped model)")
+    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"),
+                    help="flm ONNX file (default: the default shipped model)")
     ap.add_argument("--faces", type=int, default=4, help="clips, one face each (half from each validation set)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoothing", action="append", default=[], metavar="MIN_CUTOFF,BETA,D_CUTOFF",

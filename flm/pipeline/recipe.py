@@ -5,10 +5,11 @@
 A recipe names an output folder and a list of `[[stage]]` tables; each stage is one `flm train`
 job whose keys are that command's options with underscores (`data`, `val`, `epochs`, `lr`,
 `img_size`, `aug_pose`, ...). `init = "STAGE"` starts a stage from an earlier stage's best.pt
-(or `init = "PATH.pt"` from a file); `teacher` takes the same two forms. Top-level keys other than `out` and `stage` are defaults for
-every stage. Each stage writes to OUT/NAME; a finished stage leaves `done.json` there and is
-skipped on a rerun, and an unfinished one (killed, Ctrl-C) resumes from its last.pt, so the
-whole recipe can be stopped and rerun at any point and ends where an uninterrupted run would.
+(or `init = "PATH.pt"` from a file); `teacher` takes the same two forms. Top-level keys other
+than `out` and `stage` are defaults for every stage. Each stage writes to OUT/NAME; a finished
+stage leaves `done.json` there and is skipped on a rerun, and an unfinished one (killed, Ctrl-C)
+resumes from its last.pt, so the whole recipe can be stopped and rerun at any point and ends
+where an uninterrupted run would.
 """
 
 from __future__ import annotations

@@ -146,8 +146,8 @@ class FaceLandmarkerOptions:
         24x24 heatmaps, taught by flm-68; benchmarks/results/stability-calibration.json): moved
         faces 0.112 at the 0.5th percentile (median 0.139), empty windows 0.095 at the 99th, half
         out 0.088; at 0.11 one moved face of 218 is lost (it scores under 0.10 as well), every
-        empty window and 99.5 % of the half-out faces are dropped, so 0.11 stays. A model with another heatmap size needs its
-        own value; for a model without confidence (always 1.0) only a landmark box whose centre
+        empty window and 99.5 % of the half-out faces are dropped, so 0.11 stays. A model with
+        another heatmap size needs its own value; for a model without confidence (always 1.0) only a landmark box whose centre
         leaves the image ends a track.
     track_iou: a face (a detection, or with tracking off the next frame's face) whose landmark
         box overlaps a track's by more than this IoU is that track's face.
