@@ -22,12 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from accuracy import SETS, validation_part  # noqa: E402  (benchmarks/: the same sets, held out the same way)
 from flm.pipeline.checkpoint import load_model  # noqa: E402
 from flm.pipeline.evaluate import evaluate_sets, yaw_bin_masks  # noqa: E402
-from flm.pipeline.data import open_dataset  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
-SETS = {"youtube-faces-68": ("udacity", "val"), "300w-train": ("ibug-pts", "val"), "aflw2000-3d-val": ("aflw2000", "all")}
 
 
 def score(errors: np.ndarray, groups: list[np.ndarray]) -> float:
@@ -57,14 +54,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     models = [load_model(p) for p in (args.a, args.b)]
     rows = {}
-    for name, (fmt, split) in SETS.items():
-        text = f"{fmt}:{DATA / name}"
+    for name, (text, how, norm, _) in SETS.items():
+        split = "val" if how == "split" else "all"
         errs = [np.asarray(evaluate_sets(m, [text], split=split)[0]["errors"]) for m in models]
-        ds = open_dataset(text).mapped(models[0].spec.scheme)
-        ds = ds.split_by_identity(0.15, 0)[1] if split == "val" else ds
-        bins = yaw_bin_masks(ds) if fmt == "aflw2000" else None
+        ds = validation_part(text, how, 0.15, 0)  # the faces evaluate_sets scored, in its order
+        bins = yaw_bin_masks(ds) if norm == "bbox" else None
         groups = list(bins.values()) if bins else [np.ones(len(ds), bool)]
-        ids = [s.identity if fmt != "aflw2000" else str(j) for j, s in enumerate(ds.samples)]
+        ids = [s.identity if how == "split" else str(j) for j, s in enumerate(ds.samples)]  # AFLW: by image
         diff, lo, hi = paired(errs[0], errs[1], ids, groups, args.rounds)
         rows[name] = {"a": score(errs[0], groups) * 100, "b": score(errs[1], groups) * 100,
                       "diff": diff * 100, "ci95": [lo * 100, hi * 100], "faces": len(ds), "people": len(set(ids))}

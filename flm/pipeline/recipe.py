@@ -22,8 +22,7 @@ from pathlib import Path
 from flm.errors import UsageError
 from flm.fileio import atomic_path
 from flm.pipeline.augment import AugmentConfig
-from flm.pipeline.models import check_upsample
-from flm.pipeline.train import TrainConfig, check_options, check_teacher_weight, check_trunk_lr
+from flm.pipeline.train import TrainConfig, check_model_options, check_options
 
 _AUG = {"aug_strength": 1.0, "aug_crop": 1.0, "aug_flip": 0.5, "aug_pose": 0.0, "aug_pose_yaw": 50.0}
 _CONFIG = {f.name for f in fields(TrainConfig)} - {"augment", "resume", "out"}
@@ -78,9 +77,7 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
         cfg = TrainConfig(**keys, out=str(out))
     except TypeError as e:
         raise UsageError(f"{where}: {e}", example=_EXAMPLE) from None
-    check_upsample(cfg.upsample)
-    check_trunk_lr(cfg.model, cfg.trunk_lr)
-    check_teacher_weight(cfg.teacher_weight)
+    check_model_options(cfg.model, cfg.upsample, cfg.trunk_lr, cfg.teacher_weight)
     check_options(cfg.lr, aug["aug_strength"], aug["aug_crop"], aug["aug_flip"], aug["aug_pose"],
                   aug["aug_pose_yaw"], cfg.flip_for)
     cfg.augment = AugmentConfig.from_options(aug["aug_strength"], aug["aug_crop"], aug["aug_flip"],

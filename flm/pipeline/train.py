@@ -125,14 +125,19 @@ def check_teacher_weight(weight: float) -> None:
                          example="flm train --teacher models/flm-68.pt --teacher-weight 1")
 
 
+def check_model_options(model: str, upsample: str | None, trunk_lr: float, teacher_weight: float) -> None:
+    """UsageError for a bad --upsample, --trunk-lr or --teacher-weight (`flm train` and recipes alike)."""
+    check_upsample(upsample)
+    check_trunk_lr(model, trunk_lr)
+    check_teacher_weight(teacher_weight)
+
+
 def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of `flm train`'s options (by their parameter names), each checked first:
     one clear error for a bad value, before any data is read."""
     o = options
     get_preset(o["model"])
-    check_upsample(o.get("upsample"))
-    check_trunk_lr(o["model"], o.get("trunk_lr", 1.0))
-    check_teacher_weight(o.get("teacher_weight", 1.0))
+    check_model_options(o["model"], o.get("upsample"), o.get("trunk_lr", 1.0), o.get("teacher_weight", 1.0))
     flip_for = dict(_name_probability(item) for item in o.get("aug_flip_for") or [])
     check_options(o["lr"], o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"], o["aug_pose_yaw"], flip_for)
     for name in ("resume", "init", "teacher"):
