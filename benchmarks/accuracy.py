@@ -38,7 +38,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flm.geometry import YAW_BINS, landmark_box, nme, nme_summary, normaliser, yaw_bins  # noqa: E402
+from flm.geometry import IBUG68_REGIONS, YAW_BINS, landmark_box, nme_summary, normaliser, yaw_bins  # noqa: E402
 from flm.pipeline.data import open_dataset  # noqa: E402  (torch-free)
 from flm.runtime.shipped import shipped_models  # noqa: E402
 
@@ -176,14 +176,16 @@ def run(systems, ds, variant, norm):
     results = {}
     bins = yaw_bins([s.meta["yaw"] for s in ds.samples]) if norm == "bbox" else None
     for sys_ in systems:
-        errs, t0 = np.full(len(ds), np.nan), time.perf_counter()
+        point_errs, t0 = np.full((len(ds), 68), np.nan), time.perf_counter()
         for j, s in enumerate(ds.samples):
             pred = predict(sys_, s, variant)
             if pred is not None:
-                gt = s.points.astype(np.float64)[None]
-                errs[j] = float(nme(np.asarray(pred)[None], gt, normaliser(gt, norm, "ibug68"))[0])
+                gt = s.points.astype(np.float64)
+                point_errs[j] = np.linalg.norm(np.asarray(pred) - gt, axis=-1) / normaliser(gt[None], norm, "ibug68")
+        errs = point_errs.mean(axis=1)
         found = ~np.isnan(errs)
         summ = nme_summary(errs[found])
+        summ["regions"] = {k: float(point_errs[found][:, list(idx)].mean()) for k, idx in IBUG68_REGIONS.items()}
         summ["missed"] = int((~found).sum())
         for key in ("failure_rate", "failure_rate_10"):  # a missed face is a failure
             summ[key] = (summ[key] * found.sum() + summ["missed"]) / len(ds)
@@ -236,22 +238,38 @@ def table_rows(entry: dict, res: dict) -> tuple[list[str], list[list[str]]]:
     return cols, rows
 
 
+def region_rows(res: dict) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows): each system's NME by face region (the 68-point scheme's jaw, brows, nose, eyes,
+    mouth), in the order of `table_rows`."""
+    cols = ["system", *IBUG68_REGIONS, "all"]
+    return cols, [[name, *(f"{100 * v:.2f} %" for v in r["regions"].values()), f"{100 * r['nme_mean']:.2f} %"]
+                  for name, r in res.items()]
+
+
 def print_tables(report: dict, markdown: bool = False) -> None:
-    from rich.console import Console
-    from rich.table import Table
     for name, entry in report["sets"].items():
         for variant, res in entry["variants"].items():
             title = f"{name}, {variant}: {entry['faces']} faces ({entry['held_out']}), NME {entry['norm']}"
             cols, rows = table_rows(entry, res)
-            t = Table(title=title)
-            for c in cols:
-                t.add_column(c, justify="left" if c == "system" else "right")
-            for row in rows:
-                t.add_row(*row)
-            Console(width=200).print(t)
-            if markdown:
-                print(f"\n{title}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-                print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+            print_table(title, cols, rows, markdown)
+            if variant == "gt-box":
+                order = [row[0] for row in rows]
+                cols, rows = region_rows({k: res[k] for k in order})
+                print_table(f"{name}, {variant}, by face region: NME {entry['norm']}", cols, rows, markdown)
+
+
+def print_table(title: str, cols: list[str], rows: list[list[str]], markdown: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c, justify="left" if c == "system" else "right")
+    for row in rows:
+        t.add_row(*row)
+    Console(width=200).print(t)
+    if markdown:
+        print(f"\n{title}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        print("\n".join("| " + " | ".join(row) + " |" for row in rows))
 
 
 def main(argv=None):
