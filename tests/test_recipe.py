@@ -104,15 +104,16 @@ def test_a_recipe_flip_probability_out_of_range_is_refused_like_the_option(tmp_p
 
 def test_the_default_models_recipe_is_taught_by_flm_68_and_builds_the_shipped_network():
     """recipes/flm-68-distilled.toml rebuilds the network of the shipped checkpoint (a
-    different head width would not load its weights) and is taught by flm-68 in both stages."""
+    different head width would not load its weights) and is taught by flm-68 in every stage."""
     from flm.pipeline.checkpoint import read_checkpoint
     base, stages = load_recipe(REPO / "recipes" / "flm-68-distilled.toml")
-    assert [n for n, _ in stages] == ["d1", "d2"] and base == Path("runs/flm-68-distilled")
-    d1, d2 = (cfg for _, cfg in stages)
+    assert [n for n, _ in stages] == ["d1", "d2", "d3"] and base == Path("runs/flm-68-distilled")
+    d1, d2, d3 = (cfg for _, cfg in stages)
     assert d1.init == "models/flm-68.pt" and d2.init == str(base / "d1" / "best.pt")
-    assert d1.teacher == d2.teacher == "models/flm-68.pt" and d1.teacher_weight == d2.teacher_weight == 1
-    model = build_model(d2.model, d2.img_size, d2.preset_options())
+    assert d3.init == str(base / "d2" / "best.pt") and d3.augment.pose == 0.3 and d2.augment.pose == 0.6
+    assert {cfg.teacher for cfg in (d1, d2, d3)} == {"models/flm-68.pt"} and d1.teacher_weight == 1
+    model = build_model(d3.model, d3.img_size, d3.preset_options())
     ck = read_checkpoint(REPO / "models" / "flm-68-distilled.pt")
-    model = build_model(d2.model, spec=model.spec.with_(conventions=("300w-train", "youtube-faces-68")))
+    model = build_model(d3.model, spec=model.spec.with_(conventions=("300w-train", "youtube-faces-68")))
     model.load_state_dict(ck["state_dict"])  # raises if the recipe's network is not the shipped one
     assert "taught by models/flm-68.pt" in json.loads(ck["spec"])["training_data"]
