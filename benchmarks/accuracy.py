@@ -240,7 +240,7 @@ def table_rows(entry: dict, res: dict) -> tuple[list[str], list[list[str]]]:
 
 def region_rows(res: dict) -> tuple[list[str], list[list[str]]]:
     """(columns, rows): each system's NME by face region (the 68-point scheme's jaw, brows, nose, eyes,
-    mouth), in the order of `table_rows`."""
+    mouth) and over all points, a row per system in `res`'s order."""
     cols = ["system", *IBUG68_REGIONS, "all"]
     return cols, [[name, *(f"{100 * v:.2f} %" for v in r["regions"].values()), f"{100 * r['nme_mean']:.2f} %"]
                   for name, r in res.items()]

@@ -111,7 +111,7 @@ def test_the_default_models_recipe_is_taught_by_flm_68_and_builds_the_shipped_ne
     d1, d2, d3 = (cfg for _, cfg in stages)
     assert d1.init == "models/flm-68.pt" and d2.init == str(base / "d1" / "best.pt")
     assert d3.init == str(base / "d2" / "best.pt") and d3.augment.pose == 0.3 and d2.augment.pose == 0.6
-    assert {cfg.teacher for cfg in (d1, d2, d3)} == {"models/flm-68.pt"} and d1.teacher_weight == 1
+    assert {(cfg.teacher, cfg.teacher_weight) for cfg in (d1, d2, d3)} == {("models/flm-68.pt", 1)}
     model = build_model(d3.model, d3.img_size, d3.preset_options())
     ck = read_checkpoint(REPO / "models" / "flm-68-distilled.pt")
     model = build_model(d3.model, spec=model.spec.with_(conventions=("300w-train", "youtube-faces-68")))
