@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from flm.fileio import atomic_path  # noqa: E402
 from flm.geometry import landmark_box, nme, normaliser  # noqa: E402
 from flm.pipeline.data import open_dataset  # noqa: E402  (torch-free)
-from flm.runtime.shipped import ASSETS, DEFAULT_NAME  # noqa: E402
+from flm.runtime.shipped import resolve_model  # noqa: E402
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions  # noqa: E402
 from flm.runtime.detectors import BoxAdjust, HaarDetector, YuNetDetector, box_iou, calibrate_box_adjust  # noqa: E402
 
@@ -296,7 +296,7 @@ def print_report(report: dict) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"),
+    ap.add_argument("--model", default=str(resolve_model(None)),
                     help="flm ONNX file (default: the default shipped model)")
     ap.add_argument("--yunet", default=str(SHARED / "peers" / "yunet-n-320.onnx"), help="YuNet ONNX file")
     ap.add_argument("--fit-limit", type=int, default=400, help="training faces per set for the fit (0: all)")

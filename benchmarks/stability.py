@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from accuracy import PEERS, PFLD, Peppa, haar_boxes, validation_part  # noqa: E402  (benchmarks/)
 from flm.geometry import landmark_box, transform_points  # noqa: E402
-from flm.runtime.shipped import ASSETS, DEFAULT_NAME  # noqa: E402
+from flm.runtime.shipped import resolve_model  # noqa: E402
 from flm.runtime import FaceLandmarker, FaceLandmarkerOptions, box_iou  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -397,7 +397,7 @@ def tracked_quality(quality, rgb, points, rng) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ASSETS / f"{DEFAULT_NAME}.onnx"),
+    ap.add_argument("--model", default=str(resolve_model(None)),
                     help="flm ONNX file (default: the default shipped model)")
     ap.add_argument("--faces", type=int, default=4, help="clips, one face each (half from each validation set)")
     ap.add_argument("--seed", type=int, default=0)

@@ -145,8 +145,8 @@ class FaceLandmarkerOptions:
         detector run (and its track, if the detector misses it), while a track kept on an empty
         crop is tested again on the next frame. The default model since, flm-68-distilled (same
         24x24 heatmaps, taught by flm-68; benchmarks/results/stability-calibration.json): moved
-        faces 0.112 at the 0.5th percentile (median 0.139), empty windows 0.095 at the 99th, half
-        out 0.088; at 0.11 one moved face of 218 is lost (it scores under 0.10 as well), every
+        faces 0.116 at the 0.5th percentile (median 0.139), empty windows 0.099 at the 99th, half
+        out 0.091; at 0.11 one moved face of 218 is lost (it scores under 0.10 as well), every
         empty window and 99.5 % of the half-out faces are dropped, so 0.11 stays. A model with
         another heatmap size needs its own value; for a model without confidence (always 1.0) only a landmark box whose centre
         leaves the image ends a track.
