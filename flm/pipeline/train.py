@@ -649,6 +649,9 @@ def _epochs(run: _Run, loader, sampler, head_of_face, conventions, vals, progres
             _end_epoch(run, vals, step, loss, data_s, progress)
             if stopped:
                 return stopped
+        if stop.signum is not None:  # it came during the last epoch's validation and saves
+            log.warning("%s arrived after the last step: training is complete, nothing to resume",
+                        signal.Signals(stop.signum).name)
     return None
 
 

@@ -27,7 +27,11 @@ from flm.pipeline.train import TrainConfig, train
 from tests.helpers.cli import ENV, FLM, TRAIN, Flm
 
 HERE = Path(__file__).resolve().parent
-STEPS = 10  # steps in an epoch of TRAIN: 48 faces of 12 people, 2 people held out, batch 4
+# The signalled runs train on 240 faces (60 people, 51 steps of 4 an epoch, ~2.5 s unloaded) so a
+# signal sent 0.05 s after training starts lands mid-epoch even on a fast or busy machine (with
+# TRAIN's 10 steps, one CI run saw the whole epoch end first).
+SIGNALLED = [*TRAIN, "--synthetic-n", "240", "--epochs", "1"]
+STEPS = 51
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -42,12 +46,12 @@ def signalled(tmp_path_factory):
     """One uninterrupted run and one run each stopped by SIGINT / SIGTERM early in its only
     epoch, all at once; then the SIGINT run resumed. Same command, same seed."""
     root = tmp_path_factory.mktemp("signals")
-    args = [*TRAIN, "--epochs", "1"]
+    args = SIGNALLED
     ref = Flm(*args, "--out", root / "ref")
     runs = {sig: Flm(*args, "--out", root / sig.name) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig, run in runs.items():
         run.wait_for("training shufflenet-heatmap")  # logged once the stop handler is installed
-        time.sleep(0.05)  # inside the first steps: an unloaded machine finishes the 10-step epoch in ~0.3 s
+        time.sleep(0.05)  # inside the first of 51 steps
         run.proc.send_signal(sig)
     stopped, resumed = {}, {}
     for sig, run in runs.items():
@@ -115,6 +119,31 @@ def test_negative_control_a_resume_from_another_step_does_not_match(signalled, t
         train(TrainConfig(**{**config, "out": str(tmp_path / name), "resume": str(start)}), tr, va)
         diffs[name] = _max_diff(ref, _final_weights(tmp_path / name))
     assert diffs["same"] < 1e-5 and diffs["shifted"] > 1e-4, diffs
+
+
+@pytest.mark.parametrize("when", ["step 3", "after the last step"])
+def test_where_the_signal_lands_decides_between_stopping_and_finishing(when, tmp_path, faces, one_torch_thread,
+                                                                       caplog):
+    """The same real SIGTERM, sent to this process from the progress callback so it lands on a
+    known step: mid-epoch, training stops there with a resumable checkpoint; during the last
+    epoch's validation and saves, the run is already complete and says so instead of promising
+    a checkpoint to resume."""
+    tr, va = faces
+
+    def progress(epoch, step, steps, loss, rec):
+        if (when == "step 3" and step == 3 and rec is None) or (when != "step 3" and rec is not None):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = train(_cfg(tmp_path, batch_size=2), tr, va, progress=progress)
+    ck = read_checkpoint(tmp_path / "last.pt")
+    if when == "step 3":
+        assert summary["stopped"] == "signal" and (ck["epoch"], ck["step"]) == (0, 3) and not summary["history"]
+        assert "nothing to resume" not in caplog.text
+    else:
+        assert summary["stopped"] is None and (ck["epoch"], ck["step"]) == (1, 0) and len(summary["history"]) == 1
+        assert "SIGTERM arrived after the last step: training is complete, nothing to resume" in caplog.text
+    assert "received SIGTERM" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
 
 # --------------------------------------------------------------------------- SIGKILL
