@@ -62,6 +62,25 @@ def test_resume_after_one_epoch_matches_exactly(tmp_path, faces):
     assert res["history"][-1]["train_loss"] == pytest.approx(full["history"][-1]["train_loss"], rel=1e-5)
 
 
+def test_channels_last_is_a_layout_not_a_different_training(tmp_path, faces, monkeypatch):
+    """On CPU training lays weights and batches out channels-last (faster); the same run in the
+    default layout must give the same numbers, and the saved weights load into a plain model."""
+    import flm.pipeline.train as train_module
+
+    assert train_module._memory_format(torch.device("cpu")) == torch.channels_last
+    tr, va = faces
+    runs = {}
+    for layout in (torch.channels_last, torch.preserve_format):
+        monkeypatch.setattr(train_module, "_memory_format", lambda device, layout=layout: layout)
+        runs[layout] = train(small_cfg(tmp_path / str(layout), epochs=1), tr, va)
+    fast, plain = runs[torch.channels_last]["history"][0], runs[torch.preserve_format]["history"][0]
+    assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=2e-3)  # float rounding only
+    assert fast["val_nme"] == pytest.approx(plain["val_nme"], rel=2e-3)
+    weights = load_model(tmp_path / str(torch.channels_last) / "run" / "last.pt").state_dict()
+    conv = next(v for v in weights.values() if v.dim() == 4 and v.shape[-1] > 1)
+    assert conv.is_contiguous()  # loaded into a freshly built model: no trace of the training layout
+
+
 def test_nan_loss_stops_with_the_step_named(tmp_path, faces):
     tr, va = faces
     with pytest.raises(TrainingError, match=r"epoch 1 step 1"):
