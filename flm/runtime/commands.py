@@ -332,7 +332,7 @@ def sample_photos(
     out: Path = typer.Option(Path("runs/demo/photos"), "--out", "-o", help="Folder to write the JPEGs into."),
 ):
     """Write public-domain photos of a real face (NASA's astronaut portrait, shipped inside
-    scikit-image: no download) to try `flm detect` on. Needs the demo extra: pip install 'flm[demo]'."""
+    scikit-image: no download) to try `flm detect` on. Needs the demo extra: pip install 'flm\\[demo]'."""
     from flm.runtime.samples import write_sample_photos
     from flm.ui import out as out_console
 

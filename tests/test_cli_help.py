@@ -1,0 +1,57 @@
+"""`flm COMMAND --help` shows each command's description whole. Typer renders help text as rich
+markup, where a bracketed word such as the `[demo]` of `pip install 'flm[demo]'` is a style tag
+and vanishes unless escaped (`\\[demo]`)."""
+
+from __future__ import annotations
+
+import re
+
+import typer
+
+from flm.cli import app, main
+
+BRACKETED = re.compile(r"(?<!\\)\[[^\]\s]+\]|\\\[[^\]\s]+\]")  # [word] or \[word]
+
+
+def commands(group, prefix=()):
+    """(argv to reach it, command) for every command of a Typer group, sub-commands included."""
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def help_text(argv, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per paragraph, nothing wrapped away
+    main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_every_bracketed_word_of_a_description_reaches_help(capsys, monkeypatch):
+    checked = []
+    for argv, cmd in commands(typer.main.get_command(app)):
+        doc = cmd.callback.__doc__ or ""
+        words = [w.replace("\\[", "[") for w in BRACKETED.findall(doc)]
+        if words:
+            shown = help_text(argv, capsys, monkeypatch)
+            missing = [w for w in words if w not in shown]
+            assert not missing, f"flm {' '.join(argv)} --help drops {missing} (escape as \\[...])"
+            checked += words
+    assert "[demo]" in checked  # sample-photos' install hint: the check saw at least that one
+
+
+def test_negative_control_an_unescaped_bracket_vanishes(capsys, monkeypatch):
+    probe = typer.Typer()
+
+    @probe.command()
+    def hint():
+        """Needs the demo extra: pip install 'flm[demo]'."""
+
+    @probe.command()
+    def other():
+        """Another command, so the probe is a group."""
+
+    monkeypatch.setattr("flm.cli.app", probe)
+    shown = help_text(["hint"], capsys, monkeypatch)
+    assert "pip install 'flm'" in shown and "[demo]" not in shown
