@@ -11,7 +11,7 @@ from flm.errors import ModelFileError, TrainingError
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.checkpoint import load_model, read_checkpoint, save_checkpoint
 from flm.pipeline.data import open_dataset
-from flm.pipeline.models import build_model
+from flm.pipeline.models import build_model, memory_format
 from flm.pipeline.train import TrainConfig, train
 
 from tests.helpers.checkpoints import randomised_model
@@ -63,15 +63,15 @@ def test_resume_after_one_epoch_matches_exactly(tmp_path, faces):
 
 
 def test_channels_last_is_a_layout_not_a_different_training(tmp_path, faces, monkeypatch):
-    """On CPU training lays weights and batches out channels-last (faster); the same run in the
-    default layout must give the same numbers, and the saved weights load into a plain model."""
-    import flm.pipeline.train as train_module
-
-    assert train_module._memory_format(torch.device("cpu")) == torch.channels_last
+    """On CPU training and evaluation lay weights and images out channels-last (faster); the same
+    run in the default layout must give the same numbers, and the saved weights load into a plain
+    model."""
+    assert memory_format(torch.device("cpu")) == torch.channels_last
     tr, va = faces
     runs = {}
     for layout in (torch.channels_last, torch.preserve_format):
-        monkeypatch.setattr(train_module, "_memory_format", lambda device, layout=layout: layout)
+        for where in ("flm.pipeline.train", "flm.pipeline.evaluate"):
+            monkeypatch.setattr(f"{where}.memory_format", lambda device, layout=layout: layout)
         runs[layout] = train(small_cfg(tmp_path / str(layout), epochs=1), tr, va)
     fast, plain = runs[torch.channels_last]["history"][0], runs[torch.preserve_format]["history"][0]
     assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=2e-3)  # float rounding only

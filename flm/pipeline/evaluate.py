@@ -17,6 +17,7 @@ from flm.geometry import (crop_matrix, invert_affine, landmark_box, nme, nme_sum
                           swap_channels, to_model_input, transform_points, warp, yaw_bins)
 from flm.pipeline.augment import AugmentConfig, make_crop
 from flm.pipeline.data import LandmarkDataset, Source, drop_undecodable, open_dataset
+from flm.pipeline.models import memory_format
 from flm.spec import ModelSpec, scheme_index
 
 log = logging.getLogger("flm")
@@ -72,10 +73,12 @@ def predict_crops(model, ds: LandmarkDataset, batch_size: int = 64, device="cpu"
     spec = model.spec
     loader = DataLoader(CropDataset(ds, spec, None, point_index=point_subset(spec, ds)),
                         batch_size=batch_size, num_workers=workers)
-    model.eval()
+    device = torch.device(device)
+    layout = memory_format(device)
+    model.to(memory_format=layout).eval()
     preds, gts = [], []
     for x, pts, _ in loader:
-        x = x.to(device)
+        x = x.to(device, memory_format=layout)
         raw = model(x) if head is None else model(x, torch.full((len(x),), head, device=device))
         preds.append(model.decode(raw).float().cpu().numpy())
         gts.append(pts.numpy())

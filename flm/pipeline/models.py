@@ -23,6 +23,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.25,)
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """How weights and images are laid out for training and evaluation: channels-last on CPU, where
+    oneDNN's convolutions are faster in it (flm-68-distilled, one thread: a training step of 32
+    faces at 192 px 0.34 vs 0.45 s; two threads, no grad: 64 faces 0.14 vs 0.23 s); as they
+    come elsewhere. The numbers are the same up to float rounding."""
+    return torch.channels_last if device.type == "cpu" else torch.preserve_format
+
+
 def soft_argmax(logits: torch.Tensor, input_size: int) -> torch.Tensor:
     """Torch twin of `flm.geometry.soft_argmax` (sub-pixel, differentiable, exportable)."""
     n, k, h, w = logits.shape
