@@ -127,6 +127,11 @@ def test_a_gated_checkpoint_exports_with_its_gate_and_passes_parity(tmp_path):
         blend, first = m.decode(m(x)).numpy(), m.decode(m.out(m.features(x)[0])).numpy()
     np.testing.assert_allclose(got, blend, atol=1e-3)
     assert np.abs(got - first).max() > 1  # the file holds the gate, not just the first head
+    # `flm verify` compares the file with the gated checkpoint it came from, and with no other
+    args = ["verify", str(tmp_path / "x" / "model.onnx"), "--samples", "2", "--against"]
+    assert main([*args, str(tmp_path / "m.pt")]) == 0
+    save_checkpoint(tmp_path / "other.pt", _gated(seed=2))
+    assert main([*args, str(tmp_path / "other.pt")]) == 1
 
 
 def test_a_gated_run_resumes_exactly(tmp_path):

@@ -154,8 +154,10 @@ def verify(
     from flm.pipeline.models import single_convention
 
     opened = target.open_fn()(exported)  # a foreign or truncated file fails here, before any torch work
-    # the file holds one of the checkpoint's convention heads: compare with that one
-    model = single_convention(load_model(against), (opened.spec.conventions or (None,))[0])
+    # the file holds one of the checkpoint's convention heads (compare with that one) or, exported
+    # from a gated model, all of them and the gate (compare with the model as it is)
+    names = opened.spec.conventions
+    model = single_convention(load_model(against), names[0] if len(names) == 1 else None)
     inputs = make_inputs(model.spec, samples, data)
     with console.status(f"running {exported} on {len(inputs)} inputs ..."):
         report = check(opened, model, inputs, str(against))
