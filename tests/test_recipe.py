@@ -62,6 +62,9 @@ def test_the_balanced_models_recipe_starts_light_upsamplings_from_flm_68():
     ('out = "r"\n[[stage]]\nname = "a"\ntrunk_lr = -0.1\n', "--trunk-lr is a fraction of --lr between 0 and 1"),
     ('out = "r"\n[[stage]]\nname = "a"\nteacher = "zz"\n', "teacher 'zz' is neither an earlier stage"),
     ('out = "r"\n[[stage]]\nname = "a"\nteacher_weight = 0\n', "--teacher-weight must be a positive number, got 0"),
+    ('out = "r"\n[[stage]]\nname = "a"\nlr = -1\n', "stage 'a': --lr must be a positive number, got -1"),
+    ('out = "r"\n[[stage]]\nname = "a"\nepochs = 0\n', "stage 'a': --epochs must be a whole number of at least 1"),
+    ('out = "r"\n[[stage]]\nname = "a"\nstop_epoch = 0\n', "stage 'a': stop_epoch must be a whole number of at least 1"),
 ])
 def test_a_bad_recipe_is_refused_before_any_stage_runs(tmp_path, text, words):
     path = tmp_path / "bad.toml"

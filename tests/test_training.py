@@ -193,6 +193,25 @@ def test_a_bad_trunk_learning_rate_is_one_clear_error(tmp_path, args, says):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, says", [
+    (("--batch-size", "0"), "--batch-size must be a whole number of at least 1, got 0"),
+    (("--workers", "-1"), "--workers must be a whole number of at least 0, got -1"),
+    (("--seed", "-1"), "--seed must be a whole number of at least 0, got -1"),
+    (("--epochs", "0"), "--epochs must be a whole number of at least 1, got 0"),  # not "unset": 0 epochs
+    (("--max-steps", "0"), "--max-steps must be a whole number of at least 1, got 0"),
+    (("--val-fraction", "2"), "--val-fraction is the share of people held out, between 0 and 1, got 2.0"),
+    (("--width", "0.7"), "--width 0.7: shufflenet-heatmap is built at 0.5, 1.0, 1.5, 2.0"),
+    (("--width", "0", "--model", "resnet-regressor"), "--width 0.0: resnet-regressor is built at a fraction"),
+])
+def test_a_count_or_fraction_out_of_range_is_one_clear_error(tmp_path, args, says, capsys):
+    """Values torch or the loader would meet with a traceback (or, for 0 epochs, take as unset)."""
+    from flm.cli import main
+    assert main(["train", "--synthetic-n", "24", *args, "--out", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def _kl_to(teacher, student, crops) -> float:
     from flm.pipeline.train import heatmap_kl
     x = torch.stack([crops[i][0] for i in range(len(crops))])

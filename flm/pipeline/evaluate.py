@@ -138,11 +138,17 @@ def mean_shape_baseline(train: LandmarkDataset, val: LandmarkDataset, spec: Mode
     return float(nme(np.broadcast_to(mean, gt.shape), gt, normaliser(gt, norm, spec.scheme)).mean())
 
 
-def check_evaluation_options(norm: str, split: str) -> None:
+def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val_fraction: float = 0.15) -> None:
     if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
     if split not in ("all", "val", "train"):
         raise UsageError(f"unknown --split {split!r}", example="flm evaluate best.pt --data udacity:DIR --split val")
+    if not 0 < threshold < 1:
+        raise UsageError(f"--threshold is an NME fraction between 0 and 1 (0.08 = 8 %), got {threshold}",
+                         example="flm evaluate best.pt --data udacity:DIR --threshold 0.08")
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {val_fraction}",
+                         example="flm evaluate best.pt --data udacity:DIR --split val --val-fraction 0.15")
 
 
 def evaluate_sets(model, data: list[str], *, norm: str = "auto", threshold: float = 0.08, convention: str = "auto",
@@ -150,7 +156,7 @@ def evaluate_sets(model, data: list[str], *, norm: str = "auto", threshold: floa
     """`evaluate` on every `FORMAT:PATH` of `data` (`flm evaluate`): each set by its own NME protocol
     unless `norm` says otherwise, through the head of the convention named like its folder (or
     `convention`), on all its faces or on one side of `flm train`'s identity split."""
-    check_evaluation_options(norm, split)
+    check_evaluation_options(norm, split, threshold, val_fraction)
     conventions = model.spec.conventions
     if convention not in ("auto", *conventions):
         raise UsageError(f"--convention {convention!r}: this model learnt {', '.join(conventions) or 'one convention'}",

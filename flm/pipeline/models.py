@@ -292,6 +292,7 @@ def build_model(name: str, img_size: int | None = None, options: dict | None = N
     unknown = set(options) - set(preset.options)
     if unknown:
         raise UsageError(f"preset {name!r} has no option(s) {sorted(unknown)}; it accepts {list(preset.options)}")
+    _check_width(name, options.get("width"))
     if spec is None:
         spec = preset.spec
         if img_size is not None and img_size != spec.input_size:
@@ -301,6 +302,17 @@ def build_model(name: str, img_size: int | None = None, options: dict | None = N
             stride = spec.input_size // spec.heatmap_size if spec.heatmap_size else None
             spec = spec.with_(input_size=img_size, heatmap_size=img_size // stride if stride else None)
     return preset.build(spec.with_(options=build_options(options)), options)
+
+
+def _check_width(preset: str, width: float | None) -> None:
+    """UsageError for a --width the preset cannot build: ShuffleNetV2 exists at four widths, the
+    ResNet layouts at any fraction of their channels."""
+    shuffle = preset == "shufflenet-heatmap"
+    if width is None or (width in SHUFFLE_WIDTHS if shuffle else 0 < width <= 4):
+        return
+    allowed = ", ".join(map(str, SHUFFLE_WIDTHS)) if shuffle else "a fraction above 0 and at most 4 (0.5: half the channels)"
+    raise UsageError(f"--width {width}: {preset} is built at {allowed}",
+                     example=f"flm train --model {preset} --width 0.5")
 
 
 def count_parameters(model: nn.Module) -> int:

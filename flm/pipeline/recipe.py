@@ -22,7 +22,7 @@ from pathlib import Path
 from flm.errors import UsageError
 from flm.fileio import atomic_path
 from flm.pipeline.augment import AugmentConfig
-from flm.pipeline.train import TrainConfig, check_model_options, check_options
+from flm.pipeline.train import TrainConfig, check_counts, check_model_options, check_options
 
 _AUG = {"aug_strength": 1.0, "aug_crop": 1.0, "aug_flip": 0.5, "aug_pose": 0.0, "aug_pose_yaw": 50.0}
 _CONFIG = {f.name for f in fields(TrainConfig)} - {"augment", "resume", "out"}
@@ -40,6 +40,9 @@ def load_recipe(path: Path, max_steps: int | None = None) -> tuple[Path, list[tu
     stages = doc.get("stage")
     if not isinstance(stages, list) or not stages or "out" not in doc:
         raise UsageError(f"--recipe {path}: expected 'out = \"FOLDER\"' and at least one [[stage]]", example=_EXAMPLE)
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max-steps must be a whole number of at least 1, got {max_steps}",
+                         example=f"flm train --recipe {path} --max-steps 2")
     base = Path(doc["out"])
     defaults = {k: v for k, v in doc.items() if k not in ("out", "stage")}
     configs, names = [], []
@@ -77,9 +80,13 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
         cfg = TrainConfig(**keys, out=str(out))
     except TypeError as e:
         raise UsageError(f"{where}: {e}", example=_EXAMPLE) from None
-    check_model_options(cfg.model, cfg.upsample, cfg.trunk_lr, cfg.teacher_weight)
-    check_options(cfg.lr, aug["aug_strength"], aug["aug_crop"], aug["aug_flip"], aug["aug_pose"],
-                  aug["aug_pose_yaw"], cfg.flip_for)
+    try:  # the same checks as `flm train`'s, told where in the recipe
+        check_model_options(cfg.model, cfg.upsample, cfg.trunk_lr, cfg.teacher_weight)
+        check_options(cfg.lr, aug["aug_strength"], aug["aug_crop"], aug["aug_flip"], aug["aug_pose"],
+                      aug["aug_pose_yaw"], cfg.flip_for)
+        check_counts(cfg)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}", example=_EXAMPLE) from None
     cfg.augment = AugmentConfig.from_options(aug["aug_strength"], aug["aug_crop"], aug["aug_flip"],
                                              aug["aug_pose"], aug["aug_pose_yaw"])
     return cfg

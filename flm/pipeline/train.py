@@ -132,6 +132,25 @@ def check_model_options(model: str, upsample: str | None, trunk_lr: float, teach
     check_teacher_weight(teacher_weight)
 
 
+# whole-number options and their smallest value (None, where allowed, means "not set")
+_COUNTS = (("--epochs", "epochs", 1), ("--batch-size", "batch_size", 1), ("--workers", "workers", 0),
+           ("--seed", "seed", 0), ("--max-steps", "max_steps", 1), ("stop_epoch", "stop_epoch", 1))
+
+
+def check_counts(cfg: TrainConfig) -> None:
+    """UsageError for a count below its range or a --val-fraction outside (0, 1) (`flm train` and
+    recipes alike), before torch or the data loader meet it."""
+    for flag, name, least in _COUNTS:
+        value = getattr(cfg, name)
+        if value is not None and value < least:
+            usual = TrainConfig.__dataclass_fields__[name].default
+            raise UsageError(f"{flag} must be a whole number of at least {least}, got {value}",
+                             example=f"flm train {flag} {usual if usual is not None else least}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {cfg.val_fraction}",
+                         example="flm train --val-fraction 0.15")
+
+
 def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of `flm train`'s options (by their parameter names), each checked first:
     one clear error for a bad value, before any data is read."""
@@ -149,11 +168,14 @@ def config_from_options(options: dict) -> TrainConfig:
     plain = {k: o[k] for k in ("model", "select", "heads", "val_fraction", "batch_size", "lr", "img_size", "width",
                                "device", "seed", "workers", "max_steps", "skip_bad", "gate", "upsample",
                                "trunk_lr", "teacher_weight") if k in o}
-    return TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
-                       val=list(o.get("val") or ["split"]), epochs=o.get("epochs") or (30 if o.get("data") else 4),
-                       head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
-                       resume=_text(o.get("resume")), init=_text(o.get("init")), teacher=_text(o.get("teacher")),
-                       augment=augment, flip_for=flip_for)
+    epochs = o.get("epochs")
+    cfg = TrainConfig(**plain, data=list(o.get("data") or [f"synthetic:{o.get('synthetic_n', 1200)}"]),
+                      val=list(o.get("val") or ["split"]), epochs=(30 if o.get("data") else 4) if epochs is None else epochs,
+                      head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
+                      resume=_text(o.get("resume")), init=_text(o.get("init")), teacher=_text(o.get("teacher")),
+                      augment=augment, flip_for=flip_for)
+    check_counts(cfg)
+    return cfg
 
 
 def _text(path) -> str | None:

@@ -28,6 +28,10 @@ CASES = {
     "image missing": (["detect", "{tmp}/nope.jpg"], 2, "input not found", "flm detect photo.jpg"),
     "bad --norm": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4", "--norm", "l2"], 2, "unknown --norm 'l2'",
                    "--norm inter-ocular"),
+    "bad --threshold": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4", "--threshold", "-1"], 2,
+                        "--threshold is an NME fraction between 0 and 1 (0.08 = 8 %), got -1.0", "--threshold 0.08"),
+    "bad evaluate --val-fraction": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4", "--split", "val",
+                                     "--val-fraction", "3"], 2, "between 0 and 1, got 3.0", "--val-fraction 0.15"),
     "bad --img-size": (["train", "--img-size", "-32"], 2, "positive multiple of 32, got -32", "--img-size 128"),
     "bad --lr": (["train", "--lr", "nan"], 2, "--lr must be a positive number, got nan", "--lr 2e-3"),
     "unknown budget": (["check-budget", "shufflenet-heatmap", "--budget", "nope"], 2, "unknown budget 'nope'",
@@ -37,7 +41,8 @@ CASES = {
 
 # Each of these pays seconds for importing torch in a fresh interpreter; the other cases, and two
 # of these, show that what runs in-process through the same entry point is what a shell sees.
-IN_PROCESS = {"checkpoint missing", "resume file missing", "bad --norm", "bad --lr"}
+IN_PROCESS = {"checkpoint missing", "resume file missing", "bad --norm", "bad --lr", "bad --threshold",
+              "bad evaluate --val-fraction"}
 
 
 @pytest.fixture(scope="module")
