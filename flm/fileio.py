@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flm.errors import DiskFullError
+from flm.errors import DiskFullError, UsageError
 
 log = logging.getLogger("flm")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -26,8 +26,8 @@ def atomic_path(dest, suffix: str = ""):
     temporary is removed and `dest` is untouched.
     """
     dest = Path(dest)
+    output_folder(dest.parent)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         # the writer's pid in the name lets `sweep_temporaries` tell a dead writer's leftovers
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}-", suffix=".tmp" + suffix, dir=dest.parent)
     except OSError as e:
@@ -39,6 +39,8 @@ def atomic_path(dest, suffix: str = ""):
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.is_file() and dest.is_dir():
+            raise UsageError(f"{dest} is a folder; expected the name of a file to write")
         if tmp.is_file():
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -49,6 +51,23 @@ def atomic_path(dest, suffix: str = ""):
         if full is not None:  # a full disk: one clear error, not a traceback
             raise DiskFullError(dest, full.strerror or str(full)) from e
         raise
+
+
+def output_folder(path, option: str = "") -> Path:
+    """`path`, created if needed, to write files into; one clear error where a file is in the way
+    (of it or of a folder above it). `option` names the command-line option it came from."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
+        raise UsageError(f"{option + ' ' if option else ''}{path}: {blocker} is a file; expected a folder to write into",
+                         example=f"{blocker.with_suffix('')}-out") from None
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise DiskFullError(path, e.strerror or str(e)) from e
+        raise
+    return path
 
 
 _TEMPORARY = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp")

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from flm.errors import TrainingError, UsageError
-from flm.fileio import atomic_path, sweep_temporaries
+from flm.fileio import atomic_path, output_folder, sweep_temporaries
 from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.checkpoint import load_model, read_checkpoint, save_checkpoint, state_digest
@@ -701,8 +701,7 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     model, conventions = _build(cfg, sources, device)
     teacher = _load_teacher(cfg, model, device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(cfg.out, "--out")
     if rank == 0:
         sweep_temporaries(out)
     loader, sampler, head_of_face = _loader(cfg, model.spec, sources, conventions, rank, world)

@@ -280,8 +280,10 @@ def detect(
 
 def _detect_all(landmarker, inputs, out: Path | None, sunglasses: bool, max_faces: int) -> list[dict]:
     """One record per input file (image or video), annotated copies written to `out`."""
+    from flm.fileio import output_folder
+
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        output_folder(out, "--out")
     records, used = [], set()
     for path, kind in inputs:
         run = _detect_video if kind == "video" else _detect_image

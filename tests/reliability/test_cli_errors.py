@@ -81,3 +81,23 @@ def test_debug_shows_the_traceback():
     r = flm("--debug", "data", "info", "nosuch:dir")
     assert r.returncode != 0
     assert "Traceback (most recent call last)" in r.stderr and "UsageError: unknown dataset format" in r.stderr
+
+
+def test_a_file_where_an_output_folder_goes_is_one_clear_error(tmp_path, capsys):
+    """--out naming a file (or a folder under one), --json naming a folder: exit 2, one line that
+    names the file in the way, nothing written beside it (these were tracebacks)."""
+    photos = tmp_path / "photos"
+    assert main(["sample-photos", "--out", str(photos)]) == 0
+    photo = photos / "astronaut.jpg"
+    cases = {("sample-photos", "--out", str(photo)): f"{photo} is a file; expected a folder",
+             ("detect", str(photo), "--out", str(photo)): f"--out {photo}: {photo} is a file",
+             ("detect", str(photo), "--json", str(photos)): f"{photos} is a folder; expected the name of a file",
+             ("train", "--synthetic-n", "24", "--epochs", "1", "--img-size", "64", "--workers", "0",
+              "--out", str(photo / "run")): f"--out {photo / 'run'}: {photo} is a file"}
+    capsys.readouterr()
+    before = sorted(p.name for p in photos.iterdir())
+    for args, says in cases.items():
+        assert main(list(args)) == 2, args
+        err = " ".join(capsys.readouterr().err.split())
+        assert says in err and "Traceback" not in err and err.count("error: ") == 1, err
+    assert sorted(p.name for p in photos.iterdir()) == before  # no temporaries, no partial output
