@@ -27,7 +27,7 @@ app.add_typer(data_app, name="data")
 _state = {"debug": False}
 DATA_HELP = ("FORMAT:PATH[@WEIGHT], repeatable (sources mixed, each drawn WEIGHT x its size per epoch); "
              "default: the built-in synthetic set.")
-VAL_HELP = ("FORMAT:PATH scored every epoch, or 'split' (hold out 15 %% of the people / photos of every --data); "
+VAL_HELP = ("FORMAT:PATH scored every epoch, or 'split' (hold out 15 % of the people / photos of every --data); "
             "repeatable; default: split.")
 SELECT_HELP = "The validation set (by name) whose NME picks best.pt, or 'mean' over all of them."
 NPROC_HELP = "Train in N processes on this machine (runs this command under torchrun; --batch-size is per process)."
@@ -198,7 +198,7 @@ def evaluate(
     norm: str = typer.Option("auto", help="auto (the set's own protocol: bbox for AFLW2000-3D, else "
                              "inter-ocular) | inter-ocular | inter-pupil | bbox"),
     threshold: float = typer.Option(0.08, help="Failure threshold (NME fraction) and CED/AUC limit; "
-                                    "10 %% is always reported beside it."),
+                                    "10 % is always reported beside it."),
     convention: str = typer.Option("auto", help="Which output head of a model of several annotation "
                                    "conventions: auto (a gated model's own answer; else the head named like "
                                    "the set's folder, else the first) or a convention's name."),

@@ -55,3 +55,10 @@ def test_negative_control_an_unescaped_bracket_vanishes(capsys, monkeypatch):
     monkeypatch.setattr("flm.cli.app", probe)
     shown = help_text(["hint"], capsys, monkeypatch)
     assert "pip install 'flm'" in shown and "[demo]" not in shown
+
+
+def test_no_help_shows_a_doubled_percent_sign(capsys, monkeypatch):
+    """Help is not %-formatted, so '%%' written for argparse would show as it is."""
+    shown = {argv: help_text(argv, capsys, monkeypatch) for argv, _ in commands(typer.main.get_command(app))}
+    assert len(shown) >= 10 and all("Usage" in text for text in shown.values())
+    assert not [argv for argv, text in shown.items() if "%%" in text]

@@ -43,21 +43,33 @@ def state_digest(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
+_CHECKPOINT_EXAMPLE = "runs/train/best.pt or runs/train/last.pt, as written by flm train --out runs/train"
+
+
 def read_checkpoint(path) -> dict:
     path = Path(path)
+    if path.suffix.lower() in (".onnx", ".mlpackage", ".mlmodel"):
+        raise ModelFileError(path, "an exported model, not a checkpoint: this takes the .pt file flm train writes "
+                                   "(exported files run with flm detect --model FILE)", example=_CHECKPOINT_EXAMPLE)
     if not path.is_file():
-        raise ModelFileError(path, "checkpoint not found",
-                             example="runs/train/best.pt or runs/train/last.pt, as written by flm train --out runs/train")
+        raise ModelFileError(path, "checkpoint not found", example=_CHECKPOINT_EXAMPLE)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign / pickled-code files
-        raise ModelFileError(path, f"not a readable flm checkpoint ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
+        raise ModelFileError(path, f"not a readable flm checkpoint ({_unreadable(e)}); expected a .pt file "
+                                   f"written by flm train", example=_CHECKPOINT_EXAMPLE) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(path, f"not an flm checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     if "spec" not in ckpt or "state_dict" not in ckpt:
         raise ModelFileError(path, "checkpoint lacks its model spec or weights")
     return ckpt
+
+
+def _unreadable(e: Exception) -> str:
+    """Why torch.load refused a file, in a user's words."""
+    if "Weights only load failed" in str(e):  # torch's advice here (weights_only=False) would run the file's code
+        return "it holds Python objects or code beside tensors, which flm never unpickles"
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
 
 
 def load_model(path) -> LandmarkModel:

@@ -328,7 +328,7 @@ def single_convention(model: LandmarkModel, name: str | None = None) -> Landmark
         return model
     if name is not None and name not in names:
         raise UsageError(f"--convention {name!r}: this model learnt {', '.join(names) or 'one convention'}",
-                         example=f"flm export best.pt --convention {names[0] if names else ''}")
+                         example=f"flm export best.pt --convention {names[0]}" if names else "flm export best.pt")
     if name is None and model.spec.gated:
         return model  # a gated model's output is its blend of every head
     name = name or names[0]

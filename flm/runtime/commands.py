@@ -260,10 +260,10 @@ def detect(
     from flm.runtime.shipped import resolve_model
     from flm.ui import out as out_console
 
-    if (max_faces < 1 or (refine is not None and refine < 0) or threads < 0
-            or (min_face is not None and min_face < 1)):
-        raise UsageError(f"--max-faces must be >= 1, --refine and --threads >= 0, --min-face >= 1; got "
-                         f"{max_faces}, {refine}, {threads}, {min_face}", example=EXAMPLE)
+    for flag, value, least in (("--max-faces", max_faces, 1), ("--refine", refine, 0), ("--threads", threads, 0),
+                               ("--min-face", min_face, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be a whole number of at least {least}, got {value}", example=EXAMPLE)
     inputs = collect_inputs(paths)
     model_path = resolve_model(model, example="--model {}")  # a shipped name, a file, or None: the default
     options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face, refine=refine,

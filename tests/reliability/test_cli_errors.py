@@ -32,6 +32,8 @@ CASES = {
                         "--threshold is an NME fraction between 0 and 1 (0.08 = 8 %), got -1.0", "--threshold 0.08"),
     "bad evaluate --val-fraction": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4", "--split", "val",
                                      "--val-fraction", "3"], 2, "between 0 and 1, got 3.0", "--val-fraction 0.15"),
+    "bad --min-face": (["detect", "{tmp}/nope.jpg", "--min-face", "-5"], 2,
+                       "--min-face must be a whole number of at least 1, got -5", "flm detect photo.jpg"),
     "bad --img-size": (["train", "--img-size", "-32"], 2, "positive multiple of 32, got -32", "--img-size 128"),
     "bad --lr": (["train", "--lr", "nan"], 2, "--lr must be a positive number, got nan", "--lr 2e-3"),
     "unknown budget": (["check-budget", "shufflenet-heatmap", "--budget", "nope"], 2, "unknown budget 'nope'",
@@ -42,7 +44,7 @@ CASES = {
 # Each of these pays seconds for importing torch in a fresh interpreter; the other cases, and two
 # of these, show that what runs in-process through the same entry point is what a shell sees.
 IN_PROCESS = {"checkpoint missing", "resume file missing", "bad --norm", "bad --lr", "bad --threshold",
-              "bad evaluate --val-fraction"}
+              "bad evaluate --val-fraction", "bad --min-face"}
 
 
 @pytest.fixture(scope="module")

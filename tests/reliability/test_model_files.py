@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -49,6 +50,8 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path,
     with pytest.raises(ModelFileError, match="evil.pt") as err:
         load_model(evil)
     assert "not a readable flm checkpoint" in str(err.value) and not marker.exists()
+    assert "Python objects or code beside tensors, which flm never unpickles" in str(err.value)
+    assert "weights_only" not in str(err.value)  # torch's own advice (load it unsafely) is not passed on
     with pytest.raises(ModelFileError):
         read_checkpoint(evil)
     assert not marker.exists()
@@ -207,3 +210,10 @@ def test_model_file_readers_never_crash_on_mangled_bytes(real_files, name, cut, 
         opener(d / name)
     except (ModelFileError, SpecError) as e:
         assert name in str(e)
+
+
+def test_an_exported_file_given_as_a_checkpoint_says_what_it_is():
+    onnx = Path(__file__).resolve().parents[2] / "flm" / "assets" / "flm-68-fast.onnx"
+    with pytest.raises(ModelFileError, match="an exported model, not a checkpoint") as err:
+        load_model(onnx)
+    assert "flm-68-fast.onnx" in str(err.value) and err.value.example.startswith("runs/train/best.pt")
