@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, check and generate landmark datasets.")
 app.add_typer(data_app, name="data")
 _state = {"debug": False}
-DATA_HELP = ("FORMAT:PATH[@WEIGHT], repeatable (sources mixed, each drawn WEIGHT x its size per epoch); "
+DATA_HELP = ("FORMAT:PATH\\[@WEIGHT], repeatable (sources mixed, each drawn WEIGHT x its size per epoch); "
              "default: the built-in synthetic set.")
 VAL_HELP = ("FORMAT:PATH scored every epoch, or 'split' (hold out 15 % of the people / photos of every --data); "
             "repeatable; default: split.")
@@ -204,7 +204,7 @@ def evaluate(
                                    "the set's folder, else the first) or a convention's name."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON."),
     ced: Optional[Path] = typer.Option(None, "--ced", help="Write the CED curve of the first set as PNG."),
-    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples (counted in the log) instead of stopping."),
     split: str = typer.Option("all", help="all | val | train: the identity / photo split `flm train` makes "
                               "(with --val-fraction and --seed), to score only the held-out faces."),
     val_fraction: float = typer.Option(0.15, help="Fraction of identities held out (with --split)."),

@@ -1,4 +1,4 @@
-"""`flm COMMAND --help` shows each command's description whole. Typer renders help text as rich
+"""`flm COMMAND --help` shows each command's description and options whole. Typer renders help text as rich
 markup, where a bracketed word such as the `[demo]` of `pip install 'flm[demo]'` is a style tag
 and vanishes unless escaped (`\\[demo]`)."""
 
@@ -31,14 +31,14 @@ def help_text(argv, capsys, monkeypatch) -> str:
 def test_every_bracketed_word_of_a_description_reaches_help(capsys, monkeypatch):
     checked = []
     for argv, cmd in commands(typer.main.get_command(app)):
-        doc = cmd.callback.__doc__ or ""
+        doc = " ".join([cmd.callback.__doc__ or "", *(getattr(p, "help", None) or "" for p in cmd.params)])
         words = [w.replace("\\[", "[") for w in BRACKETED.findall(doc)]
         if words:
             shown = help_text(argv, capsys, monkeypatch)
             missing = [w for w in words if w not in shown]
             assert not missing, f"flm {' '.join(argv)} --help drops {missing} (escape as \\[...])"
             checked += words
-    assert "[demo]" in checked  # sample-photos' install hint: the check saw at least that one
+    assert {"[demo]", "[@WEIGHT]"} <= set(checked)  # sample-photos' install hint, train's --data: both seen
 
 
 def test_negative_control_an_unescaped_bracket_vanishes(capsys, monkeypatch):

@@ -70,6 +70,13 @@ def test_a_name_resolves_to_its_file_and_none_to_the_default(assets):
     assert resolve_model(Path("fast"), assets=assets) == Path("fast")
 
 
+def test_a_training_checkpoint_is_refused_with_the_export_that_makes_a_runnable_file(assets):
+    with pytest.raises(UsageError, match="runs/best.pt: a training checkpoint") as e:
+        resolve_model("runs/best.pt", assets=assets)  # was an onnxruntime protobuf error
+    assert e.value.example.startswith("flm export runs/best.pt --target onnx")
+    assert "FaceLandmarker.create('exported/model.onnx')" in e.value.example
+
+
 def test_what_reads_as_a_name():
     assert is_model_name("flm-68") and is_model_name("fast_v2") and is_model_name("")
     assert not is_model_name("runs/export/model") and not is_model_name("model.onnx")

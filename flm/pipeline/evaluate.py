@@ -165,6 +165,9 @@ def evaluate_sets(model, data: list[str], *, norm: str = "auto", threshold: floa
     for text in data:
         ds = drop_undecodable(open_dataset(text, skip_bad=skip_bad), skip_bad).mapped(model.spec.scheme)
         if split != "all":
+            if not ds.has_identities():
+                raise UsageError(f"--split {split}: {text} names no people or photos to split by (only sets "
+                                 f"flm train splits do); score all of it", example=f"flm evaluate best.pt --data {text} --split all")
             ds = ds.split_by_identity(val_fraction, seed)[split == "val"]
         gated = convention == "auto" and model.spec.gated  # auto: what the gated model answers
         head = None if gated else head_of(conventions, Source.parse(text).convention if convention == "auto" else convention)

@@ -92,4 +92,7 @@ def resolve_model(model, example: str = "FaceLandmarker.create({!r})", assets: P
         fix = f", e.g. {example.format(good)}" if good else ""
         raise UsageError(f"unknown model {model!r}: not a file, nor a model flm ships (shipped: {known}); "
                          f"give a shipped model's name or a path to an .onnx file{fix}")
+    if Path(model).suffix.lower() == ".pt":
+        raise UsageError(f"{model}: a training checkpoint; the runtime runs exported files (.onnx)",
+                         example=f"flm export {model} --target onnx --out exported/, then {example.format('exported/model.onnx')}")
     return Path(model)

@@ -10,7 +10,7 @@ import pytest
 
 from flm.cli import main
 
-from tests.helpers.cli import flm
+from tests.helpers.cli import REPO, flm
 
 # name -> (arguments ({tmp} is a fresh folder), exit code, words of the message, words of the example)
 CASES = {
@@ -34,6 +34,9 @@ CASES = {
                                      "--val-fraction", "3"], 2, "between 0 and 1, got 3.0", "--val-fraction 0.15"),
     "bad --min-face": (["detect", "{tmp}/nope.jpg", "--min-face", "-5"], 2,
                        "--min-face must be a whole number of at least 1, got -5", "flm detect photo.jpg"),
+    "split of a set without people": (["evaluate", str(REPO / "models" / "flm-68-fast.pt"), "--data",
+                                       f"aflw2000:{REPO.parent / 'shared' / 'data' / 'aflw2000-3d-val'}", "--split", "val"],
+                                      2, "names no people or photos to split by", "--split all"),
     "bad --img-size": (["train", "--img-size", "-32"], 2, "positive multiple of 32, got -32", "--img-size 128"),
     "bad --lr": (["train", "--lr", "nan"], 2, "--lr must be a positive number, got nan", "--lr 2e-3"),
     "unknown budget": (["check-budget", "shufflenet-heatmap", "--budget", "nope"], 2, "unknown budget 'nope'",
