@@ -53,20 +53,23 @@ def atomic_path(dest, suffix: str = ""):
         raise
 
 
-def output_folder(path, option: str = "") -> Path:
-    """`path`, created if needed, to write files into; one clear error where a file is in the way
-    (of it or of a folder above it). `option` names the command-line option it came from."""
+def output_folder(path, option: str = "", create: bool = True) -> Path:
+    """`path` as a folder to write files into, created unless `create` is False (a writer that
+    creates it with its first file, so a failed run leaves no empty folder); one clear error
+    where a file is in the way of it or of a folder above it. `option` names the command-line
+    option it came from."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
         raise UsageError(f"{option + ' ' if option else ''}{path}: {blocker} is a file; expected a folder to write into",
-                         example=f"{blocker.with_suffix('')}-out") from None
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise DiskFullError(path, e.strerror or str(e)) from e
-        raise
+                         example=f"{blocker.with_suffix('')}-out")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise DiskFullError(path, e.strerror or str(e)) from e
+            raise
     return path
 
 

@@ -283,7 +283,7 @@ def _detect_all(landmarker, inputs, out: Path | None, sunglasses: bool, max_face
     from flm.fileio import output_folder
 
     if out is not None:
-        output_folder(out, "--out")
+        output_folder(out, "--out", create=False)  # checked now, made with the first annotated file
     records, used = [], set()
     for path, kind in inputs:
         run = _detect_video if kind == "video" else _detect_image

@@ -106,3 +106,7 @@ def test_a_file_where_an_output_folder_goes_is_one_clear_error(tmp_path, capsys)
         err = " ".join(capsys.readouterr().err.split())
         assert says in err and "Traceback" not in err and err.count("error: ") == 1, err
     assert sorted(p.name for p in photos.iterdir()) == before  # no temporaries, no partial output
+    # a run that fails before writing anything leaves no empty --out folder behind
+    (tmp_path / "clip.mp4").write_bytes(b"not a video")
+    assert main(["detect", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "annotated")]) == 2
+    assert "cannot open video" in capsys.readouterr().err and not (tmp_path / "annotated").exists()
