@@ -215,7 +215,7 @@ def evaluate(
     from flm.pipeline.evaluate import check_evaluation_options, evaluate_sets
     from flm.pipeline.reports import write_report
 
-    check_evaluation_options(norm, split, threshold, val_fraction)
+    check_evaluation_options(norm, split, threshold, val_fraction, ced)
     model = load_model(checkpoint)
     results = evaluate_sets(model, data, norm=norm, threshold=threshold, convention=convention, skip_bad=skip_bad,
                             split=split, val_fraction=val_fraction, seed=seed)

@@ -7,6 +7,7 @@ back to image pixels, so NME is measured exactly where a user would see the poin
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -138,7 +139,8 @@ def mean_shape_baseline(train: LandmarkDataset, val: LandmarkDataset, spec: Mode
     return float(nme(np.broadcast_to(mean, gt.shape), gt, normaliser(gt, norm, spec.scheme)).mean())
 
 
-def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val_fraction: float = 0.15) -> None:
+def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val_fraction: float = 0.15,
+                             ced=None) -> None:
     if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
     if split not in ("all", "val", "train"):
@@ -149,6 +151,9 @@ def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val
     if not 0 < val_fraction < 1:
         raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {val_fraction}",
                          example="flm evaluate best.pt --data udacity:DIR --split val --val-fraction 0.15")
+    if ced is not None and Path(ced).suffix.lower() != ".png":
+        raise UsageError(f"--ced {ced}: the CED curve is written as PNG; expected a .png name",
+                         example="flm evaluate best.pt --data udacity:DIR --ced ced.png")
 
 
 def evaluate_sets(model, data: list[str], *, norm: str = "auto", threshold: float = 0.08, convention: str = "auto",

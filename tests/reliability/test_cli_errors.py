@@ -37,6 +37,8 @@ CASES = {
     "split of a set without people": (["evaluate", str(REPO / "models" / "flm-68-fast.pt"), "--data",
                                        f"aflw2000:{REPO.parent / 'shared' / 'data' / 'aflw2000-3d-val'}", "--split", "val"],
                                       2, "names no people or photos to split by", "--split all"),
+    "CED not a PNG": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4", "--ced", "{tmp}/ced.txt"], 2,
+                      "--ced {tmp}/ced.txt: the CED curve is written as PNG", "--ced ced.png"),
     "bad --img-size": (["train", "--img-size", "-32"], 2, "positive multiple of 32, got -32", "--img-size 128"),
     "bad --lr": (["train", "--lr", "nan"], 2, "--lr must be a positive number, got nan", "--lr 2e-3"),
     "unknown budget": (["check-budget", "shufflenet-heatmap", "--budget", "nope"], 2, "unknown budget 'nope'",
@@ -47,7 +49,8 @@ CASES = {
 # Each of these pays seconds for importing torch in a fresh interpreter; the other cases, and two
 # of these, show that what runs in-process through the same entry point is what a shell sees.
 IN_PROCESS = {"checkpoint missing", "resume file missing", "bad --norm", "bad --lr", "bad --threshold",
-              "bad evaluate --val-fraction", "bad --min-face"}
+              "bad evaluate --val-fraction", "bad --min-face",
+              "CED not a PNG"}
 
 
 @pytest.fixture(scope="module")
