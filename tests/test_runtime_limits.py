@@ -114,4 +114,4 @@ def test_flm_detect_min_face_option(tmp_path, capsys):
     assert cli_main(["detect", str(photo), "--min-face", "40", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["files"][0]["faces"] == []
     assert cli_main(["detect", str(photo), "--min-face", "0"]) == 2
-    assert "--min-face >= 1" in capsys.readouterr().err
+    assert "--min-face must be a whole number of at least 1, got 0" in capsys.readouterr().err
