@@ -142,7 +142,9 @@ def _train_progress(cfg) -> dict:
         raise typer.Exit(130 if summary["stopped"] == "signal" else 0)
     out = Path(cfg.out)
     if summary["stopped"] == "signal":
-        console.print(f"[yellow]stopped by signal; resume with: flm train --resume {out / 'last.pt'} ...")
+        console.print(f"[yellow]stopped by signal; resume with: flm train --resume {out / 'last.pt'} ..."
+                      if summary["epochs_done"] < min(cfg.epochs, cfg.stop_epoch or cfg.epochs) else
+                      f"[yellow]stopped by signal after the last epoch: the run is complete -> {out / 'best.pt'}")
         raise typer.Exit(130)
     base = ", ".join(f"{k} {100 * b:.2f} %" for k, b in summary["baseline"].items())
     out_console.print(f"best validation NME {100 * summary['best_val_nme']:.2f} % (mean-shape baseline: {base}), "
@@ -215,7 +217,7 @@ def evaluate(
     from flm.pipeline.evaluate import check_evaluation_options, evaluate_sets
     from flm.pipeline.reports import write_report
 
-    check_evaluation_options(norm, split, threshold, val_fraction, ced)
+    check_evaluation_options(norm, split, threshold, val_fraction, json_out, ced)
     model = load_model(checkpoint)
     results = evaluate_sets(model, data, norm=norm, threshold=threshold, convention=convention, skip_bad=skip_bad,
                             split=split, val_fraction=val_fraction, seed=seed)

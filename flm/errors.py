@@ -39,6 +39,12 @@ class SpecError(FlmError):
     """A model file whose spec is missing or invalid."""
 
 
+def check_at_least(flag: str, value, least: int, example: str | None = None) -> None:
+    """UsageError unless `value` (None: not set) is a whole number >= `least`; `flag` names the option."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise UsageError(f"{flag} must be a whole number of at least {least}, got {value!r}", example=example)
+
+
 class ModelFileError(FlmError):
     """A checkpoint / ONNX / Core ML file that is truncated, foreign or otherwise unusable."""
 

@@ -40,7 +40,7 @@ def atomic_path(dest, suffix: str = ""):
     try:
         yield tmp
         if tmp.is_file() and dest.is_dir():
-            raise UsageError(f"{dest} is a folder; expected the name of a file to write")
+            output_file(dest)
         if tmp.is_file():
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -70,6 +70,17 @@ def output_folder(path, option: str = "", create: bool = True) -> Path:
             if e.errno in _NO_SPACE:
                 raise DiskFullError(path, e.strerror or str(e)) from e
             raise
+    return path
+
+
+def output_file(path, option: str = "") -> Path:
+    """`path` checked as the name of a file to write, before any work is done: one clear error
+    where a folder has that name or a file is in the way of its folder. `option` as above."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option + ' ' if option else ''}{path} is a folder; expected the name of a file to write",
+                         example=f"{path / path.name}.json")
+    output_folder(path.parent, option, create=False)
     return path
 
 

@@ -65,6 +65,9 @@ def test_the_balanced_models_recipe_starts_light_upsamplings_from_flm_68():
     ('out = "r"\n[[stage]]\nname = "a"\nlr = -1\n', "stage 'a': --lr must be a positive number, got -1"),
     ('out = "r"\n[[stage]]\nname = "a"\nepochs = 0\n', "stage 'a': --epochs must be a whole number of at least 1"),
     ('out = "r"\n[[stage]]\nname = "a"\nstop_epoch = 0\n', "stage 'a': stop_epoch must be a whole number of at least 1"),
+    ('out = "r"\n[[stage]]\nname = "a"\nbatch_size = "8"\n', "stage 'a': --batch-size must be a whole number of at least 1, got '8'"),
+    ('out = "r"\n[[stage]]\nname = "a"\nepochs = 2.5\n', "stage 'a': --epochs must be a whole number of at least 1, got 2.5"),
+    ('out = "r"\n[[stage]]\nname = "a"\nval_fraction = "0.1"\n', "stage 'a': --val-fraction is the share of people"),
 ])
 def test_a_bad_recipe_is_refused_before_any_stage_runs(tmp_path, text, words):
     path = tmp_path / "bad.toml"

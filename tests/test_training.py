@@ -76,9 +76,14 @@ def test_channels_last_is_a_layout_not_a_different_training(tmp_path, faces, mon
     fast, plain = runs[torch.channels_last]["history"][0], runs[torch.preserve_format]["history"][0]
     assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=2e-3)  # float rounding only
     assert fast["val_nme"] == pytest.approx(plain["val_nme"], rel=2e-3)
-    weights = load_model(tmp_path / str(torch.channels_last) / "run" / "last.pt").state_dict()
-    conv = next(v for v in weights.values() if v.dim() == 4 and v.shape[-1] > 1)
-    assert conv.is_contiguous()  # loaded into a freshly built model: no trace of the training layout
+    saved = {layout: read_checkpoint(tmp_path / str(layout) / "run" / "last.pt")["state_dict"] for layout in runs}
+    name = next(k for k, v in saved[torch.channels_last].items() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1)
+    # the patch took effect: the weights trained (and were saved) in the layout each run was given
+    assert saved[torch.channels_last][name].is_contiguous(memory_format=torch.channels_last)
+    assert not saved[torch.channels_last][name].is_contiguous()
+    assert saved[torch.preserve_format][name].is_contiguous()
+    loaded = load_model(tmp_path / str(torch.channels_last) / "run" / "last.pt").state_dict()[name]
+    assert loaded.is_contiguous() and torch.equal(loaded, saved[torch.channels_last][name])  # a plain model again
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path, faces):

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from flm.errors import UsageError
+from flm.fileio import output_file
 from flm.geometry import (crop_matrix, invert_affine, landmark_box, nme, nme_summary, normaliser,
                           swap_channels, to_model_input, transform_points, warp, yaw_bins)
 from flm.pipeline.augment import AugmentConfig, make_crop
@@ -140,7 +141,7 @@ def mean_shape_baseline(train: LandmarkDataset, val: LandmarkDataset, spec: Mode
 
 
 def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val_fraction: float = 0.15,
-                             ced=None) -> None:
+                             json_out=None, ced=None) -> None:
     if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
     if split not in ("all", "val", "train"):
@@ -151,6 +152,9 @@ def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val
     if not 0 < val_fraction < 1:
         raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {val_fraction}",
                          example="flm evaluate best.pt --data udacity:DIR --split val --val-fraction 0.15")
+    for option, path in (("--json", json_out), ("--ced", ced)):
+        if path is not None:
+            output_file(path, option)
     if ced is not None and Path(ced).suffix.lower() != ".png":
         raise UsageError(f"--ced {ced}: the CED curve is written as PNG; expected a .png name",
                          example="flm evaluate best.pt --data udacity:DIR --ced ced.png")

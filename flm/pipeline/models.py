@@ -306,11 +306,11 @@ def build_model(name: str, img_size: int | None = None, options: dict | None = N
 
 def _check_width(preset: str, width: float | None) -> None:
     """UsageError for a --width the preset cannot build: ShuffleNetV2 exists at four widths, the
-    ResNet layouts at any fraction of their channels."""
+    ResNet layouts at any fraction that leaves their first layer a channel (64 x width >= 1)."""
     shuffle = preset == "shufflenet-heatmap"
-    if width is None or (width in SHUFFLE_WIDTHS if shuffle else 0 < width <= 4):
+    if width is None or (width in SHUFFLE_WIDTHS if shuffle else isinstance(width, (int, float)) and 64 * width >= 1):
         return
-    allowed = ", ".join(map(str, SHUFFLE_WIDTHS)) if shuffle else "a fraction above 0 and at most 4 (0.5: half the channels)"
+    allowed = ", ".join(map(str, SHUFFLE_WIDTHS)) if shuffle else "a fraction of at least 1/64 (0.5: half the channels)"
     raise UsageError(f"--width {width}: {preset} is built at {allowed}",
                      example=f"flm train --model {preset} --width 0.5")
 

@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from flm.errors import UsageError
+from flm.errors import UsageError, check_at_least
 from flm.fileio import atomic_path
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.train import TrainConfig, check_counts, check_model_options, check_options
@@ -40,9 +40,7 @@ def load_recipe(path: Path, max_steps: int | None = None) -> tuple[Path, list[tu
     stages = doc.get("stage")
     if not isinstance(stages, list) or not stages or "out" not in doc:
         raise UsageError(f"--recipe {path}: expected 'out = \"FOLDER\"' and at least one [[stage]]", example=_EXAMPLE)
-    if max_steps is not None and max_steps < 1:
-        raise UsageError(f"--max-steps must be a whole number of at least 1, got {max_steps}",
-                         example=f"flm train --recipe {path} --max-steps 2")
+    check_at_least("--max-steps", max_steps, 1, example=f"flm train --recipe {path} --max-steps 2")
     base = Path(doc["out"])
     defaults = {k: v for k, v in doc.items() if k not in ("out", "stage")}
     configs, names = [], []

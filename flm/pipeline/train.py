@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from flm.errors import TrainingError, UsageError
+from flm.errors import TrainingError, UsageError, check_at_least
 from flm.fileio import atomic_path, output_folder, sweep_temporaries
 from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
@@ -141,12 +141,10 @@ def check_counts(cfg: TrainConfig) -> None:
     """UsageError for a count below its range or a --val-fraction outside (0, 1) (`flm train` and
     recipes alike), before torch or the data loader meet it."""
     for flag, name, least in _COUNTS:
-        value = getattr(cfg, name)
-        if value is not None and value < least:
-            usual = TrainConfig.__dataclass_fields__[name].default
-            raise UsageError(f"{flag} must be a whole number of at least {least}, got {value}",
-                             example=f"flm train {flag} {usual if usual is not None else least}")
-    if not 0 < cfg.val_fraction < 1:
+        usual = TrainConfig.__dataclass_fields__[name].default
+        check_at_least(flag, getattr(cfg, name), least, f"flm train {flag} {usual if usual is not None else least}")
+    f = cfg.val_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
         raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {cfg.val_fraction}",
                          example="flm train --val-fraction 0.15")
 
@@ -674,6 +672,7 @@ def _epochs(run: _Run, loader, sampler, head_of_face, conventions, vals, progres
         if stop.signum is not None:  # it came during the last epoch's validation and saves
             log.warning("%s arrived after the last step: training is complete, nothing to resume",
                         signal.Signals(stop.signum).name)
+            return "signal"  # still a stop: a recipe must not go on to its next stage
     return None
 
 

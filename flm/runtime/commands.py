@@ -15,7 +15,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from flm.errors import UsageError
+from flm.errors import UsageError, check_at_least
+from flm.fileio import output_file
 
 log = logging.getLogger("flm")
 
@@ -262,8 +263,9 @@ def detect(
 
     for flag, value, least in (("--max-faces", max_faces, 1), ("--refine", refine, 0), ("--threads", threads, 0),
                                ("--min-face", min_face, 1)):
-        if value is not None and value < least:
-            raise UsageError(f"{flag} must be a whole number of at least {least}, got {value}", example=EXAMPLE)
+        check_at_least(flag, value, least, EXAMPLE)
+    if json_out is not None:
+        output_file(json_out, "--json")  # a folder there is refused now, not after every file is done
     inputs = collect_inputs(paths)
     model_path = resolve_model(model, example="--model {}")  # a shipped name, a file, or None: the default
     options = FaceLandmarkerOptions(detector=detector, max_faces=max_faces, min_face_size=min_face, refine=refine,

@@ -9,8 +9,8 @@ Which one `FaceLandmarker.create()` uses when given no model is declared once: `
 
 How a model argument is read (`resolve_model`): an existing file is that file; a string with
 no path separator and no `.onnx` suffix is a shipped model's name (unknown: a `UsageError`
-listing the names); anything else is a path, and opening it reports a missing or foreign file
-(`ModelFileError`).
+listing the names); a `.pt` training checkpoint is a `UsageError` saying to export it first;
+anything else is a path, and opening it reports a missing or foreign file (`ModelFileError`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from flm.cli import main
 
 from tests.helpers.cli import REPO, flm
 
+AFLW = REPO.parent / "shared" / "data" / "aflw2000-3d-val"  # a real set with no people / photo names
+
 # name -> (arguments ({tmp} is a fresh folder), exit code, words of the message, words of the example)
 CASES = {
     "FORMAT:PATH without a path": (["data", "check", "udacity"], 2, "needs a path after the colon", "udacity:"),
@@ -35,7 +37,7 @@ CASES = {
     "bad --min-face": (["detect", "{tmp}/nope.jpg", "--min-face", "-5"], 2,
                        "--min-face must be a whole number of at least 1, got -5", "flm detect photo.jpg"),
     "split of a set without people": (["evaluate", str(REPO / "models" / "flm-68-fast.pt"), "--data",
-                                       f"aflw2000:{REPO.parent / 'shared' / 'data' / 'aflw2000-3d-val'}", "--split", "val"],
+                                       f"aflw2000:{AFLW}", "--split", "val"],
                                       2, "names no people or photos to split by", "--split all"),
     "CED not a PNG": (["evaluate", "{tmp}/best.pt", "--data", "synthetic:4", "--ced", "{tmp}/ced.txt"], 2,
                       "--ced {tmp}/ced.txt: the CED curve is written as PNG", "--ced ced.png"),
@@ -69,6 +71,8 @@ def results(tmp_path_factory):
 def test_user_error_is_one_line_with_an_example(results, name, capsys):
     tmp, runs = results
     args, code, words, example = CASES[name]
+    if name == "split of a set without people" and not AFLW.is_dir():
+        pytest.skip(f"needs {AFLW}")
     if name in IN_PROCESS:
         returncode = main([a.replace("{tmp}", str(tmp)) for a in args])
         cap = capsys.readouterr()

@@ -126,8 +126,8 @@ def test_where_the_signal_lands_decides_between_stopping_and_finishing(when, tmp
                                                                        caplog):
     """The same real SIGTERM, sent to this process from the progress callback so it lands on a
     known step: mid-epoch, training stops there with a resumable checkpoint; during the last
-    epoch's validation and saves, the run is already complete and says so instead of promising
-    a checkpoint to resume."""
+    epoch's validation and saves, the run is already complete and says so, and still reports a
+    stop (so `flm train` exits 130 and a recipe does not go on to its next stage)."""
     tr, va = faces
 
     def progress(epoch, step, steps, loss, rec):
@@ -139,8 +139,9 @@ def test_where_the_signal_lands_decides_between_stopping_and_finishing(when, tmp
     if when == "step 3":
         assert summary["stopped"] == "signal" and (ck["epoch"], ck["step"]) == (0, 3) and not summary["history"]
         assert "nothing to resume" not in caplog.text
-    else:
-        assert summary["stopped"] is None and (ck["epoch"], ck["step"]) == (1, 0) and len(summary["history"]) == 1
+    else:  # complete, yet a stop: a recipe must not start its next stage after a Ctrl-C
+        assert summary["stopped"] == "signal" and (ck["epoch"], ck["step"]) == (1, 0) and len(summary["history"]) == 1
+        assert summary["epochs_done"] == 1
         assert "SIGTERM arrived after the last step: training is complete, nothing to resume" in caplog.text
     assert "received SIGTERM" in caplog.text
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
