@@ -72,6 +72,14 @@ def test_synth_refuses_a_folder_with_other_files(tmp_path, capsys):
     assert (tmp_path / "keep.txt").exists()
 
 
+def test_synth_counts_are_checked_and_faces_has_a_long_form(tmp_path, capsys):
+    code, _, err = run(capsys, "data", "synth", "--out", str(tmp_path / "a"), "--faces", "0")
+    assert code == 2 and "--faces must be a whole number of at least 1, got 0" in " ".join(err.split())
+    assert not (tmp_path / "a").exists()
+    code, _, err = run(capsys, "data", "synth", "--out", str(tmp_path / "b"), "--faces", "4")
+    assert code == 0 and len((tmp_path / "b" / "landmarks.csv").read_text().splitlines()) == 5, err
+
+
 def _bad_set(root):
     from flm.pipeline.data.synthetic import synthetic_dataset, write_udacity
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from flm.errors import DatasetError, FlmError, UsageError
+from flm.errors import DatasetError, FlmError, UsageError, check_at_least
 from flm.ui import console, out
 
 
@@ -222,16 +222,15 @@ def _info_table(spec: str, ds, good: list, sizes: list, bad: int) -> Table:
 
 
 def synth(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write (images/ + landmarks.csv)."),
-          n: int = typer.Option(1200, "-n", help="Number of faces (4 per identity)."),
+          n: int = typer.Option(1200, "--faces", "-n", help="Number of faces (4 per identity)."),
           seed: int = typer.Option(0, "--seed")):
     """Write the built-in synthetic faces in the Udacity CSV layout (read back with udacity:DIR)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from flm.pipeline.data.synthetic import synthetic_dataset, write_udacity
 
-    if n < 1 or seed < 0:
-        raise UsageError(f"-n must be >= 1 and --seed >= 0 (got -n {n}, --seed {seed})",
-                         example="flm data synth --out data/synth -n 1200 --seed 0")
+    for flag, value, least in (("--faces", n, 1), ("--seed", seed, 0)):
+        check_at_least(flag, value, least, example="flm data synth --out data/synth --faces 1200 --seed 0")
     ds = synthetic_dataset(n, seed)
     with Progress(TextColumn("writing faces"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
