@@ -619,3 +619,19 @@ def test_train_refuses_a_preset_over_budget(capsys):
     assert main(["train", "--model", "resnet18-regressor", "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "45.00 MB" in err and "resnet-regressor" in err
+
+
+def test_a_shipped_model_is_checked_by_name(capsys):
+    """`flm check-budget NAME` measures the shipped file of that name (the same figures as its path);
+    an unknown name lists the shipped models and the presets."""
+    from flm.bundled import shipped_paths
+    path = shipped_paths()["flm-68-fast"]
+    assert main(["check-budget", "flm-68-fast"]) == 0
+    by_name = capsys.readouterr().out
+    assert main(["check-budget", str(path)]) == 0
+    by_path = capsys.readouterr().out
+    assert "flm-68-fast fits budget challenge-15mb" in by_name
+    assert by_name.replace("flm-68-fast", "X") == by_path.replace(str(path), "X")
+    assert main(["check-budget", "flm-99"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a model flm ships (" in err and "flm-68-fast" in err and "shufflenet-heatmap" in err

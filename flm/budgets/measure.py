@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flm.bundled import is_model_name, shipped_paths
 from flm.coreml_io import blob_at, import_coremltools, read_blob_file
 from flm.errors import FlmError, ModelFileError, UsageError
 from flm.fileio import size_of
@@ -156,13 +157,17 @@ def measure(target: str) -> Measurement:
             return measure_coreml(path)
         raise UsageError(f"{target}: unknown model file type {suffix or '(no suffix)'!r}; "
                          "expected .pt, .onnx, .mlpackage or .mlmodel", example="flm check-budget model.onnx")
+    shipped = shipped_paths() if is_model_name(target) else {}
+    if target in shipped:  # a model flm ships, by name (no torch needed)
+        return measure_onnx(shipped[target])
     _import_torch(f"preset {target!r} (there is no file of that name)")
     from flm.pipeline.models import PRESETS
 
     if target in PRESETS:
         return measure_preset(target)
-    raise UsageError(f"{target!r} is neither an existing file nor a model preset (presets: {', '.join(PRESETS)})",
-                     example="flm check-budget runs/train/best.pt   or   flm check-budget shufflenet-heatmap")
+    raise UsageError(f"{target!r} is neither an existing file, a model flm ships ({', '.join(shipped_paths())}) nor "
+                     f"a model preset ({', '.join(PRESETS)})",
+                     example="flm check-budget runs/train/best.pt   or   flm check-budget flm-68-distilled")
 
 
 # --------------------------------------------------------------------------- torch: presets, checkpoints

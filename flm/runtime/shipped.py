@@ -15,17 +15,13 @@ anything else is a path, and opening it reports a missing or foreign file (`Mode
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from flm.bundled import ASSETS, DEFAULT_NAME, SUFFIX, is_model_name, shipped_paths  # noqa: F401 (re-exported)
 from flm.errors import ModelFileError, UsageError
 from flm.runtime.modelfile import open_session, read_spec
 from flm.spec import ModelSpec
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_NAME = "flm-68-distilled"  # the model FaceLandmarker.create() and flm detect use when given none
-SUFFIX = ".onnx"
 
 
 @dataclass(frozen=True)
@@ -46,15 +42,6 @@ class ShippedModel:
                 "bytes": self.bytes, "mb": round(self.bytes / 1e6, 2)}
 
 
-def shipped_paths(assets: Path | None = None) -> dict[str, Path]:
-    """Name -> absolute path of every model file shipped in `assets` (default: flm/assets), by name."""
-    folder = Path(assets or ASSETS)
-    if not folder.is_dir():
-        return {}
-    named = {p.name[: -len(SUFFIX)]: p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file()}
-    return {name: named[name].resolve() for name in sorted(named)}
-
-
 def shipped_models(assets: Path | None = None) -> list[ShippedModel]:
     """The shipped models, by name, each described by its own file (a file without a valid flm
     spec is a broken install: its `ModelFileError` / `SpecError` is raised)."""
@@ -63,12 +50,6 @@ def shipped_models(assets: Path | None = None) -> list[ShippedModel]:
         spec = read_spec(open_session(path, threads=1), str(path))
         models.append(ShippedModel(name, path, path.stat().st_size, spec, name == DEFAULT_NAME))
     return models
-
-
-def is_model_name(model: str) -> bool:
-    """Whether a model argument reads as a name rather than a path: no path separator, no `.onnx`."""
-    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    return not any(s in model for s in seps) and not model.lower().endswith(SUFFIX)
 
 
 def resolve_model(model, example: str = "FaceLandmarker.create({!r})", assets: Path | None = None) -> Path:
