@@ -140,7 +140,15 @@ def mean_shape_baseline(train: LandmarkDataset, val: LandmarkDataset, spec: Mode
     return float(nme(np.broadcast_to(mean, gt.shape), gt, normaliser(gt, norm, spec.scheme)).mean())
 
 
-def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val_fraction: float = 0.15,
+def check_val_fraction(value, example: str) -> None:
+    """UsageError unless --val-fraction, the share of people / photos the identity split holds
+    out (`flm train` and `flm evaluate --split`), is a number between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {value!r}",
+                         example=example)
+
+
+def check_evaluation_options(norm: str, split: str, threshold: float, val_fraction: float,
                              json_out=None, ced=None) -> None:
     if norm not in ("auto", "inter-ocular", "inter-pupil", "bbox"):
         raise UsageError(f"unknown --norm {norm!r}", example="flm evaluate best.pt --data udacity:DIR --norm inter-ocular")
@@ -149,9 +157,7 @@ def check_evaluation_options(norm: str, split: str, threshold: float = 0.08, val
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold is an NME fraction between 0 and 1 (0.08 = 8 %), got {threshold}",
                          example="flm evaluate best.pt --data udacity:DIR --threshold 0.08")
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {val_fraction}",
-                         example="flm evaluate best.pt --data udacity:DIR --split val --val-fraction 0.15")
+    check_val_fraction(val_fraction, "flm evaluate best.pt --data udacity:DIR --split val --val-fraction 0.15")
     for option, path in (("--json", json_out), ("--ced", ced)):
         if path is not None:
             output_file(path, option)

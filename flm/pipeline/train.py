@@ -39,7 +39,7 @@ from flm.geometry import gaussian_heatmaps, nme, normaliser
 from flm.pipeline.augment import AugmentConfig
 from flm.pipeline.checkpoint import load_model, read_checkpoint, save_checkpoint, state_digest
 from flm.pipeline.data import LandmarkDataset, Source, open_sources
-from flm.pipeline.evaluate import (CropDataset, head_of, mean_shape_baseline, point_subset,
+from flm.pipeline.evaluate import (CropDataset, check_val_fraction, head_of, mean_shape_baseline, point_subset,
                                    predict_crops, yaw_bin_masks)
 from flm.pipeline.reports import write_training_reports
 from flm.pipeline.models import (HEAD_LAYERS, LandmarkModel, build_model, check_upsample, count_parameters,
@@ -143,10 +143,7 @@ def check_counts(cfg: TrainConfig) -> None:
     for flag, name, least in _COUNTS:
         usual = TrainConfig.__dataclass_fields__[name].default
         check_at_least(flag, getattr(cfg, name), least, f"flm train {flag} {usual if usual is not None else least}")
-    f = cfg.val_fraction
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
-        raise UsageError(f"--val-fraction is the share of people held out, between 0 and 1, got {cfg.val_fraction}",
-                         example="flm train --val-fraction 0.15")
+    check_val_fraction(cfg.val_fraction, "flm train --val-fraction 0.15")
 
 
 def config_from_options(options: dict) -> TrainConfig:
