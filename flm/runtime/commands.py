@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from flm.errors import UsageError, check_at_least
-from flm.fileio import output_file
+from flm.fileio import atomic_path, log_written, output_file, output_folder
 
 log = logging.getLogger("flm")
 
@@ -54,8 +54,6 @@ def _out_name(path: Path, used: set[str], suffix: str | None = None) -> str:
 
 def _write_image(dest: Path, bgr) -> None:
     import cv2
-
-    from flm.fileio import atomic_path, log_written
 
     started = time.perf_counter()
     ext = dest.suffix.lower() if dest.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".png"
@@ -164,8 +162,6 @@ def _open_writer(tmp: Path, fps: float, shape, path: Path):
 
 def _detect_video(landmarker, path: Path, out_dir: Path | None, used: set[str], sunglasses: bool) -> dict:
     import cv2
-
-    from flm.fileio import atomic_path, log_written
 
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
@@ -282,8 +278,6 @@ def detect(
 
 def _detect_all(landmarker, inputs, out: Path | None, sunglasses: bool, max_faces: int) -> list[dict]:
     """One record per input file (image or video), annotated copies written to `out`."""
-    from flm.fileio import output_folder
-
     if out is not None:
         output_folder(out, "--out", create=False)  # checked now, made with the first annotated file
     records, used = [], set()
@@ -296,8 +290,6 @@ def _detect_all(landmarker, inputs, out: Path | None, sunglasses: bool, max_face
 
 def _write_detections(path: Path, landmarker, records: list[dict], options) -> None:
     """`flm detect --json`: the model, detector and options, then every file's faces."""
-    from flm.fileio import atomic_path, log_written
-
     started = time.perf_counter()
     refine = landmarker.detector.default_refine if options.refine is None else options.refine
     doc = {"model": landmarker.source, "spec": landmarker.spec.to_dict(), "detector": landmarker.detector.describe(),
