@@ -53,6 +53,21 @@ def test_flip_relabels_points_with_the_permutation():
     assert pts[36, 0] < pts[45, 0] and cpts[36, 0] < cpts[45, 0]
 
 
+def test_flip_shift_keeps_offset_labels_on_their_side_of_the_features():
+    """A set whose labels sit `o` px right of the features (youtube-faces-68, 300w-train: model card)
+    keeps them `o` px right of the mirrored features with flip_shift=o; a plain flip moves them left."""
+    pts, o = grid68(), 4.0
+    img, labels = dot_image(pts, (300, 200)), pts + [o, 0]
+    perm = flip_permutation("ibug68")
+    for shift, side in ((o, 1), (0.0, -1)):
+        aug = replace(AugmentConfig.off(), flip=1.0, flip_shift=shift)
+        crop, cpts = make_crop(img, labels, SPEC, np.random.default_rng(0), aug)
+        k = (cpts[16, 0] - cpts[0, 0]) / (pts[16, 0] - pts[0, 0])  # crop pixels per image pixel
+        check_dots(crop, cpts - [side * o * k, 0], perm)
+        with pytest.raises(AssertionError):  # negative control: the other side is off the dots
+            check_dots(crop, cpts + [side * o * k, 0], perm)
+
+
 def test_photometric_changes_pixels_not_points():
     pts = grid68()
     img = dot_image(pts, (300, 200))

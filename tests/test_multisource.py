@@ -268,3 +268,22 @@ def test_flips_can_be_set_per_convention(tmp_path):
         assert mirrored == (i < len(a))
     r = flm("train", "--aug-flip-for", "300w-train=2", "--out", tmp_path / "x")
     assert r.returncode == 2 and "expected NAME=P with P between 0 and 1" in r.stderr
+
+
+def test_flip_shifts_are_set_per_convention_and_checked(tmp_path):
+    """--aug-flip-shift-for: the named source's faces carry its label offset into their flips; an
+    unknown name or a shift out of range is one clear error (a typo would otherwise change nothing)."""
+    from flm.pipeline.train import _loader
+    cfg = TrainConfig(data=["synthetic:6:1", "ibug-pts:x/300w-train"], flip_for={"300w-train": 0.5},
+                      flip_shift_for={"300w-train": 1.0}, workers=0)
+    sources = [(Source.parse(cfg.data[0]), open_dataset("synthetic:6:1")),
+               (Source.parse(cfg.data[1]), open_dataset("synthetic:4:2"))]
+    loader, _, _ = _loader(cfg, build_model("shufflenet-heatmap", 64).spec, sources, ("synthetic", "300w-train"), 0, 1)
+    augs = loader.dataset.aug
+    assert [(a.flip, a.flip_shift) for a in augs] == [(cfg.augment.flip, 0.0)] * 6 + [(0.5, 1.0)] * 4
+    for args, says in ((["--aug-flip-shift-for", "300w_train=1"], "no --data source follows a convention of that name"),
+                       (["--aug-flip-shift-for", "synthetic=12"], "PX pixels between -10 and 10"),
+                       (["--aug-flip-shift-for", "synthetic"], "expected NAME=NUMBER")):
+        r = flm("train", *args, "--out", tmp_path / "x")
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,18 @@ def test_a_recipe_flip_probability_out_of_range_is_refused_like_the_option(tmp_p
     path = tmp_path / "flips.toml"
     path.write_text('out = "r"\n[[stage]]\nname = "a"\nflip_for = { "300w-train" = 1.5 }\n')
     with pytest.raises(UsageError, match="300w-train=1.5: expected NAME=P with P between 0 and 1"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("line, says", [
+    ('flip_shift_for = 1.0', "flip_shift_for maps convention names to label x offsets in pixels"),
+    ('flip_shift_for = { "300w_train" = 1.0 }', "--aug-flip-shift-for 300w_train: no --data source follows"),
+    ('flip_shift_for = { "synthetic" = "1" }', "--aug-flip-shift-for synthetic=1: expected NAME=PX"),
+])
+def test_a_recipe_flip_shift_is_checked_like_the_option(tmp_path, line, says):
+    path = tmp_path / "shift.toml"
+    path.write_text(f'out = "r"\n[[stage]]\nname = "a"\ndata = ["synthetic:8"]\n{line}\n')
+    with pytest.raises(UsageError, match=f"stage 'a': {re.escape(says)}"):
         load_recipe(path)
 
 

@@ -143,6 +143,18 @@ def test_stop_epoch_cuts_a_longer_schedule_where_an_interrupted_run_stopped(tmp_
     assert one["history"][0]["lr"] != pytest.approx(cut["history"][0]["lr"])  # a 1-epoch schedule differs
 
 
+def test_select_last_keeps_the_last_epoch_where_mean_keeps_the_best_scoring_one(tmp_path, faces):
+    """--select last: best.pt is the schedule's end, chosen by no validation set."""
+    tr, va = faces
+    mean = train(small_cfg(tmp_path / "mean", epochs=3, lr=0.1), tr, va)  # lr 0.1: later epochs get worse
+    last = train(small_cfg(tmp_path / "last", epochs=3, lr=0.1, select="last"), tr, va)
+    scores = [h["val_nme"] for h in mean["history"]]
+    assert int(np.argmin(scores)) != 2, f"vacuous: the last epoch scored best {scores}"
+    assert read_checkpoint(tmp_path / "mean" / "run" / "best.pt")["epoch"] == int(np.argmin(scores)) + 1
+    assert read_checkpoint(tmp_path / "last" / "run" / "best.pt")["epoch"] == 3
+    assert last["best_val_nme"] == pytest.approx(last["history"][-1]["val_nme"])
+
+
 def test_build_options_travel_in_the_spec_through_checkpoint_and_export(tmp_path):
     """A model built with non-default options (a narrow trunk and head) rebuilds the same network
     from its checkpoint and from its ONNX file's spec alone; a checkpoint written before the spec

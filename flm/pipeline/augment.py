@@ -30,6 +30,7 @@ class AugmentConfig:
     blur: float = 0.2  # probability of a Gaussian blur
     pose: float = 0.0  # probability of turning the face out of plane (`turn_face`)
     pose_yaw: float = 50.0  # largest added yaw of that turn, degrees (pitch: 2/5 of it)
+    flip_shift: float = 0.0  # the labels' x offset from their mirror-consistent place, image pixels
 
     @classmethod
     def off(cls) -> "AugmentConfig":
@@ -58,7 +59,7 @@ class AugmentConfig:
 
 
 _CROP = {"box_jitter", "scale", "shift"}
-_OWN = {"flip", "pose", "pose_yaw"}  # set on their own, not scaled
+_OWN = {"flip", "pose", "pose_yaw", "flip_shift"}  # set on their own, not scaled
 _PROBABILITIES = {"grayscale", "erase", "noise", "blur"}
 
 
@@ -84,7 +85,7 @@ def make_crop(image: np.ndarray, points: np.ndarray, spec: ModelSpec, rng: np.ra
                     scale=rng.uniform(1 - aug.scale, 1 + aug.scale),
                     shift=tuple(rng.uniform(-aug.shift, aug.shift, 2)), flip=flip)
     crop = warp(image, m, size)
-    pts = transform_points(points, m)
+    pts = transform_points(points - [2 * aug.flip_shift, 0] if flip else points, m)
     if flip:
         pts = pts[flip_permutation(spec.scheme)]
     return photometric(crop, rng, aug), pts.astype(np.float32)

@@ -22,7 +22,7 @@ from pathlib import Path
 from flm.errors import UsageError, check_at_least
 from flm.fileio import atomic_path
 from flm.pipeline.augment import AugmentConfig
-from flm.pipeline.train import TrainConfig, check_counts, check_model_options, check_options
+from flm.pipeline.train import TrainConfig, check_convention_names, check_counts, check_model_options, check_options
 
 _AUG = {"aug_strength": 1.0, "aug_crop": 1.0, "aug_flip": 0.5, "aug_pose": 0.0, "aug_pose_yaw": 50.0}
 _CONFIG = {f.name for f in fields(TrainConfig)} - {"augment", "resume", "out"}
@@ -65,9 +65,10 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
     aug = {k: float(keys.pop(k, v)) for k, v in _AUG.items()}
     for k in ("init", "teacher"):
         keys[k] = _checkpoint(k, keys.get(k), base, earlier, where)
-    if not isinstance(keys.get("flip_for", {}), dict):
-        raise UsageError(f"{where}: flip_for maps convention names to flip probabilities (0-1), got "
-                         f"{keys['flip_for']!r}", example='flip_for = { "300w-train" = 0.5 }')
+    for k, what, example in (("flip_for", "flip probabilities (0-1)", '{ "300w-train" = 0.5 }'),
+                             ("flip_shift_for", "label x offsets in pixels", '{ "300w-train" = 1.0 }')):
+        if not isinstance(keys.get(k, {}), dict):
+            raise UsageError(f"{where}: {k} maps convention names to {what}, got {keys[k]!r}", example=f"{k} = {example}")
     for k in ("data", "val"):
         if k in keys and isinstance(keys[k], str):
             keys[k] = [keys[k]]
@@ -81,8 +82,9 @@ def _stage_config(keys: dict, out: Path, base: Path, earlier: list[str], where: 
     try:  # the same checks as `flm train`'s, told where in the recipe
         check_model_options(cfg.model, cfg.upsample, cfg.trunk_lr, cfg.teacher_weight)
         check_options(cfg.lr, aug["aug_strength"], aug["aug_crop"], aug["aug_flip"], aug["aug_pose"],
-                      aug["aug_pose_yaw"], cfg.flip_for)
+                      aug["aug_pose_yaw"], cfg.flip_for, cfg.flip_shift_for)
         check_counts(cfg)
+        check_convention_names(cfg)
     except UsageError as e:
         raise UsageError(f"{where}: {e}", example=_EXAMPLE) from None
     cfg.augment = AugmentConfig.from_options(aug["aug_strength"], aug["aug_crop"], aug["aug_flip"],

@@ -53,7 +53,7 @@ class TrainConfig:
     model: str = "shufflenet-heatmap"
     data: list[str] = field(default_factory=lambda: ["synthetic"])  # FORMAT:PATH[@WEIGHT] each
     val: list[str] = field(default_factory=lambda: ["split"])  # FORMAT:PATH, or "split" (see `validation_sets`)
-    select: str = "mean"  # the validation set whose score picks best.pt, or the mean over all of them
+    select: str = "mean"  # the validation set whose score picks best.pt, the mean over all of them, or last
     heads: bool = True  # one output head per annotation convention when the sources follow several
     val_fraction: float = 0.15
     epochs: int = 30
@@ -76,6 +76,7 @@ class TrainConfig:
     heatmap_sigma: float = 1.0  # target Gaussian sigma, in heatmap cells
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     flip_for: dict = field(default_factory=dict)  # convention -> flip probability, instead of augment.flip
+    flip_shift_for: dict = field(default_factory=dict)  # convention -> its labels' x offset (augment.flip_shift)
     max_steps: int | None = None  # stop early (tests, smoke runs)
     stop_epoch: int | None = None  # stop after this many epochs of the `epochs`-long schedule (recipes)
     resume: str | None = None
@@ -88,12 +89,16 @@ class TrainConfig:
 
 
 def check_options(lr: float, aug_strength: float, aug_crop: float, aug_flip: float, aug_pose: float,
-                  aug_pose_yaw: float, flip_for: dict | None = None) -> None:
+                  aug_pose_yaw: float, flip_for: dict | None = None, flip_shift_for: dict | None = None) -> None:
     """UsageError for an option out of its range (`flm train` and recipes alike)."""
     for name, p in (flip_for or {}).items():
-        if not (isinstance(p, (int, float)) and 0 <= p <= 1):
+        if not (_is_number(p) and 0 <= p <= 1):
             raise UsageError(f"--aug-flip-for {name}={p}: expected NAME=P with P between 0 and 1",
                              example="flm train --aug-flip 0 --aug-flip-for 300w-train=0.5")
+    for name, px in (flip_shift_for or {}).items():
+        if not (_is_number(px) and abs(px) <= 10):
+            raise UsageError(f"--aug-flip-shift-for {name}={px}: expected NAME=PX with PX pixels between -10 and 10",
+                             example="flm train --aug-flip-shift-for 300w-train=1.0")
     if not (math.isfinite(lr) and lr > 0):
         raise UsageError(f"--lr must be a positive number, got {lr}", example="flm train --lr 2e-3")
     for name, value in (("--aug-strength", aug_strength), ("--aug-crop", aug_crop)):
@@ -146,14 +151,31 @@ def check_counts(cfg: TrainConfig) -> None:
     check_val_fraction(cfg.val_fraction, "flm train --val-fraction 0.15")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_convention_names(cfg: TrainConfig) -> None:
+    """UsageError for a per-convention option (--aug-flip-for, --aug-flip-shift-for) naming no --data
+    source: a typo would otherwise change nothing, silently."""
+    known = sorted({Source.parse(text).convention for text in cfg.data})
+    for option, values, value in (("--aug-flip-for", cfg.flip_for, 0.5), ("--aug-flip-shift-for", cfg.flip_shift_for, 1.0)):
+        for name in values:
+            if name not in known:
+                raise UsageError(f"{option} {name}: no --data source follows a convention of that name; "
+                                 f"known: {', '.join(known)}", example=f"flm train {option} {known[0]}={value}")
+
+
 def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of `flm train`'s options (by their parameter names), each checked first:
     one clear error for a bad value, before any data is read."""
     o = options
     get_preset(o["model"])
     check_model_options(o["model"], o.get("upsample"), o.get("trunk_lr", 1.0), o.get("teacher_weight", 1.0))
-    flip_for = dict(_name_probability(item) for item in o.get("aug_flip_for") or [])
-    check_options(o["lr"], o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"], o["aug_pose_yaw"], flip_for)
+    flip_for = dict(_name_number(item, "--aug-flip-for") for item in o.get("aug_flip_for") or [])
+    flip_shift_for = dict(_name_number(item, "--aug-flip-shift-for") for item in o.get("aug_flip_shift_for") or [])
+    check_options(o["lr"], o["aug_strength"], o["aug_crop"], o["aug_flip"], o["aug_pose"], o["aug_pose_yaw"],
+                  flip_for, flip_shift_for)
     for name in ("resume", "init", "teacher"):
         if o.get(name) is not None and not Path(o[name]).is_file():
             raise UsageError(f"--{name} {o[name]}: file not found",
@@ -168,8 +190,9 @@ def config_from_options(options: dict) -> TrainConfig:
                       val=list(o.get("val") or ["split"]), epochs=(30 if o.get("data") else 4) if epochs is None else epochs,
                       head=_channels(o.get("head")), out=str(o.get("out", "runs/train")),
                       resume=_text(o.get("resume")), init=_text(o.get("init")), teacher=_text(o.get("teacher")),
-                      augment=augment, flip_for=flip_for)
+                      augment=augment, flip_for=flip_for, flip_shift_for=flip_shift_for)
     check_counts(cfg)
+    check_convention_names(cfg)
     return cfg
 
 
@@ -187,16 +210,17 @@ def _channels(value: str | None) -> list[int] | None:
     return [int(p) for p in parts]
 
 
-def _name_probability(item: str) -> tuple[str, float]:
-    """`--aug-flip-for NAME=P` -> (NAME, P); the range of P is `check_options`'s."""
-    name, _, p = item.partition("=")
+def _name_number(item: str, option: str) -> tuple[str, float]:
+    """`--aug-flip-for NAME=P`, `--aug-flip-shift-for NAME=PX` -> (NAME, number); its range is
+    `check_options`'s."""
+    name, _, text = item.partition("=")
     try:
-        value = float(p)
+        value = float(text)
     except ValueError:
         value = None
     if not name or value is None:
-        raise UsageError(f"--aug-flip-for {item!r}: expected NAME=P with P between 0 and 1",
-                         example="flm train --aug-flip 0 --aug-flip-for 300w-train=0.5")
+        raise UsageError(f"{option} {item!r}: expected NAME=NUMBER (NAME a --data folder name)",
+                         example=f"flm train {option} 300w-train={'0.5' if option == '--aug-flip-for' else '1.0'}")
     return name, value
 
 
@@ -335,9 +359,10 @@ def _val_score(model, val: ValSet, device, rank: int = 0, world: int = 1) -> flo
 
 
 def _val_scores(model, vals: list[ValSet], device, rank: int, world: int, select: str) -> tuple[dict, float]:
-    """({set name: score}, the score that picks best.pt: set `select`'s, or the mean over the sets)."""
+    """({set name: score}, the score logged beside them: set `select`'s, or the mean over the sets
+    (for "mean" and "last", which keeps every epoch as best.pt)."""
     scores = {v.name: _val_score(model, v, device, rank, world) for v in vals}
-    return scores, float(np.mean(list(scores.values()))) if select == "mean" else scores[select]
+    return scores, float(np.mean(list(scores.values()))) if select in ("mean", "last") else scores[select]
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -482,8 +507,9 @@ def _loader(cfg: TrainConfig, spec, sources, conventions, rank: int, world: int)
     head_of_face = torch.tensor([conventions.index(src.convention) if conventions else 0
                                  for src, ds in sources for _ in ds.samples])
     augment = cfg.augment
-    if cfg.flip_for:
-        per = {src.convention: replace(cfg.augment, flip=cfg.flip_for.get(src.convention, cfg.augment.flip))
+    if cfg.flip_for or cfg.flip_shift_for:
+        per = {src.convention: replace(cfg.augment, flip=cfg.flip_for.get(src.convention, cfg.augment.flip),
+                                       flip_shift=cfg.flip_shift_for.get(src.convention, 0.0))
                for src, _ in sources}
         augment = [per[src.convention] for src, ds in sources for _ in ds.samples]
     ds = CropDataset(faces, spec, augment, cfg.seed, point_subset(spec, faces))
@@ -639,7 +665,7 @@ def _end_epoch(run: _Run, vals: list[ValSet], step: int, loss: tuple[float, floa
     if progress:
         progress(run.epoch, step, run.steps_per_epoch, rec["train_loss"], rec)
     run.epoch, run.start_step = run.epoch + 1, 0
-    if val < run.best:
+    if val < run.best or run.cfg.select == "last":  # "last": the schedule's end, picked by no set
         run.best = val
         run.save("best.pt", epoch=run.epoch, val_nme=val)
     run.save("last.pt", **run.state(run.epoch, 0))
@@ -717,13 +743,16 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
             "stopped": stopped, "wall_s": time.perf_counter() - run.t0}
 
 
+_SELECTS = {"mean": "best.pt by the mean over them", "last": "best.pt: the last epoch"}  # --select beside the set names
+
+
 def _log_start(run: _Run, vals: list[ValSet]) -> None:
     if run.rank == 0:  # logged once a signal is caught, so a signal after this line always saves
         cfg = run.cfg
-        log.info("training %s (%s parameters) on %s; validating on %s (best.pt by %s), %s%s",
+        log.info("training %s (%s parameters) on %s; validating on %s (%s), %s%s",
                  cfg.model, f"{count_parameters(run.model):,}", run.model.spec.training_data,
                  ", ".join(f"{v.name} ({len(v.ds)} faces, {v.norm})" for v in vals),
-                 "the mean over them" if cfg.select == "mean" else cfg.select, run.device,
+                 _SELECTS.get(cfg.select, f"best.pt by {cfg.select}"), run.device,
                  f" x {run.world} processes" if run.world > 1 else "")
 
 
@@ -764,9 +793,9 @@ def validation_sets(cfg: TrainConfig, sources, scheme: str):
     for k, v in enumerate(vals):  # two sets of one name: number them
         if names.count(v.name) > 1:
             v.name = f"{v.name}#{names[:k + 1].count(v.name)}"
-    if cfg.select != "mean" and cfg.select not in [v.name for v in vals]:
+    if cfg.select not in _SELECTS and cfg.select not in [v.name for v in vals]:
         raise UsageError(f"--select {cfg.select!r}: no validation set of that name; "
-                         f"known: mean, {', '.join(v.name for v in vals)}", example="flm train --select mean")
+                         f"known: mean, last, {', '.join(v.name for v in vals)}", example="flm train --select mean")
     return kept, vals
 
 
