@@ -31,7 +31,7 @@ def test_the_shipped_models_recipe_reads_and_chains_its_stages():
 
 def test_the_fast_models_recipe_builds_its_narrow_network():
     base, stages = load_recipe(REPO / "recipes" / "flm-68-fast.toml")
-    assert [n for n, _ in stages] == ["f1", "f2", "f3", "f4", "f5"] and base == Path("runs/flm-68-fast")
+    assert [n for n, _ in stages] == ["f1", "f2", "f3", "f4", "f5", "f6"] and base == Path("runs/flm-68-fast")
     cfg = dict(stages)
     assert (cfg["f1"].epochs, cfg["f1"].stop_epoch) == (40, 2) and cfg["f3"].init == str(base / "f2" / "best.pt")
     model = build_model(cfg["f3"].model, cfg["f3"].img_size, cfg["f3"].preset_options())
@@ -39,6 +39,8 @@ def test_the_fast_models_recipe_builds_its_narrow_network():
     assert model.out.in_channels == 96 and 700_000 < count_parameters(model) < 800_000
     assert cfg["f4"].gate and not cfg["f3"].gate and cfg["f4"].init == str(base / "f3" / "best.pt")
     assert cfg["f5"].init == str(base / "f4" / "best.pt") and cfg["f5"].teacher == "models/flm-68-balanced.pt"
+    f6 = cfg["f6"]  # the 300-W photos unflipped, best.pt its last epoch
+    assert f6.init == str(base / "f5" / "best.pt") and f6.flip_for == {"300w-train": 0} and f6.select == "last"
 
 
 def test_the_balanced_models_recipe_starts_light_upsamplings_from_flm_68():
@@ -126,11 +128,13 @@ def test_the_default_models_recipe_is_taught_by_flm_68_and_builds_the_shipped_ne
     different head width would not load its weights) and is taught by flm-68 in every stage."""
     from flm.pipeline.checkpoint import read_checkpoint
     base, stages = load_recipe(REPO / "recipes" / "flm-68-distilled.toml")
-    assert [n for n, _ in stages] == ["d1", "d2", "d3"] and base == Path("runs/flm-68-distilled")
-    d1, d2, d3 = (cfg for _, cfg in stages)
+    assert [n for n, _ in stages] == ["d1", "d2", "d3", "d4"] and base == Path("runs/flm-68-distilled")
+    d1, d2, d3, d4 = (cfg for _, cfg in stages)
     assert d1.init == "models/flm-68.pt" and d2.init == str(base / "d1" / "best.pt")
     assert d3.init == str(base / "d2" / "best.pt") and d3.augment.pose == 0.3 and d2.augment.pose == 0.6
-    assert {(cfg.teacher, cfg.teacher_weight) for cfg in (d1, d2, d3)} == {("models/flm-68.pt", 1)}
+    assert {(cfg.teacher, cfg.teacher_weight) for cfg in (d1, d2, d3, d4)} == {("models/flm-68.pt", 1)}
+    assert d4.init == str(base / "d3" / "best.pt") and d4.flip_for == {"300w-train": 0} and d4.select == "last"
+    assert d3.flip_for == {"300w-train": 0.5} and d4.data == d3.data
     model = build_model(d3.model, d3.img_size, d3.preset_options())
     ck = read_checkpoint(REPO / "models" / "flm-68-distilled.pt")
     model = build_model(d3.model, spec=model.spec.with_(conventions=("300w-train", "youtube-faces-68")))
