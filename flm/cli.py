@@ -31,6 +31,8 @@ VAL_HELP = ("FORMAT:PATH scored every epoch, or 'split' (hold out 15 % of the pe
             "repeatable; default: split.")
 SELECT_HELP = ("The validation set (by name) whose NME picks best.pt, 'mean' over all of them, or 'last' "
                "(best.pt is the last epoch: no set picks it).")
+FLIP_SHIFT_HELP = ("NAME=PX: the x offset of one convention's labels from their mirror-consistent place "
+                   "(image pixels), kept through flips; repeatable (model card: 300w-train about 1).")
 NPROC_HELP = "Train in N processes on this machine (runs this command under torchrun; --batch-size is per process)."
 log = logging.getLogger("flm")
 
@@ -87,10 +89,7 @@ def train(
     aug_flip_for: Optional[list[str]] = typer.Option(None, "--aug-flip-for", help="NAME=P: flip probability "
                                                      "for the faces of one convention (a --data folder name), "
                                                      "e.g. 300w-train=0.5 beside --aug-flip 0; repeatable."),
-    aug_flip_shift_for: Optional[list[str]] = typer.Option(None, "--aug-flip-shift-for", help="NAME=PX: the "
-                                                           "x offset of one convention's labels from their mirror-"
-                                                           "consistent place (image pixels), kept through flips; "
-                                                           "repeatable (model card: 300w-train 1.0)."),
+    aug_flip_shift_for: Optional[list[str]] = typer.Option(None, "--aug-flip-shift-for", help=FLIP_SHIFT_HELP),
     aug_pose: float = typer.Option(0.0, "--aug-pose", help="Probability of turning a face out of plane (a generic "
                                    "3-D face fitted to its points, up to --aug-pose-yaw degrees)."),
     aug_pose_yaw: float = typer.Option(50.0, "--aug-pose-yaw", help="Largest added yaw of --aug-pose, degrees."),

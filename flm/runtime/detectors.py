@@ -240,9 +240,9 @@ class YuNetDetector(FaceDetector):
     adjust = BoxAdjust(dx=0.004, dy=0.129, sw=1.056, sh=0.757)
     default_score_threshold = 0.6
     # benchmarks/defaults.py, flm-68-distilled, mean NME over the three validation sets, refine
-    # 0 / 1 / 2: 4.56 / 4.48 / 4.46 % — two passes lowest, by 0.02 % (one with the models before
-    # it; see FaceLandmarkerOptions.refine).
-    default_refine = 2
+    # 0 / 1 / 2: 4.53 / 4.45 / 4.47 % — one pass lowest, by 0.02 % (two with d3, the default's
+    # previous last stage: 4.56 / 4.48 / 4.46; see FaceLandmarkerOptions.refine).
+    default_refine = 1
 
     def __init__(self, model_path, min_size: int = 40, score_threshold: float | None = None,
                  nms_iou: float = 0.4, max_side: int = 640, adjust: BoxAdjust | None = None):

@@ -83,21 +83,21 @@ class FaceLandmarkerOptions:
     detector_score: drop detections scoring below this (None: the detector's default).
     nms_iou: IoU above which overlapping detections are merged.
     refine: extra passes, each cropping around the landmarks of the previous one. None: the box
-        source's default — 0 for app boxes (`detect(image, boxes=...)`), 2 for YuNet and Haar
+        source's default — 0 for app boxes (`detect(image, boxes=...)`), 1 for YuNet, 2 for Haar
         (and 1 for "none", not measured). Each is the refine with the lowest mean NME over three
         validation sets (a tie goes to fewer passes), from `python benchmarks/defaults.py` with
         the default model, flm-68-distilled (results: benchmarks/results/defaults.json); mean NME %,
         refine 0 / 1 / 2:
                    youtube held-out    300w held-out       aflw2000-3d-val     mean
-          app box  4.06 / 4.20 / 4.26  3.78 / 3.79 / 3.80  4.66 / 4.74 / 4.78  4.16 / 4.24 / 4.28
-          Haar     5.26 / 4.63 / 4.43  4.95 / 4.41 / 4.21  5.20 / 4.80 / 4.73  5.14 / 4.61 / 4.46
-          YuNet    4.38 / 4.30 / 4.30  3.93 / 3.82 / 3.82  5.36 / 5.31 / 5.25  4.56 / 4.48 / 4.46
+          app box  4.10 / 4.23 / 4.28  3.67 / 3.67 / 3.69  4.66 / 4.74 / 4.78  4.14 / 4.21 / 4.25
+          Haar     5.29 / 4.67 / 4.47  4.85 / 4.28 / 4.10  5.17 / 4.77 / 4.73  5.10 / 4.57 / 4.43
+          YuNet    4.41 / 4.34 / 4.33  3.82 / 3.72 / 3.71  5.36 / 5.30 / 5.37  4.53 / 4.45 / 4.47
         (567 / 301 / 198 faces; youtube and 300w inter-ocular, aflw2000 over the landmark box
         sqrt(w*h); app box = the tight box of the true landmarks; faces a detector missed, Haar
         25 / 29 / 74 and YuNet 0 / 0 / 1, are left out of its row). A pass helps a rough box
         and costs a little on a good one (the model's crop of its own landmark box is not the
-        exact box). YuNet's 2 is new with this model's last stage (d3, less crop jitter; d2 had
-        4.57 / 4.50 / 4.50, so 1); flm-68 (app box means 4.24 / 4.30 / 4.34, Haar 4.99 / 4.48 /
+        exact box). YuNet's was 2 with this model's previous last stage (d3: 4.56 / 4.48 / 4.46)
+        and 1 with d2 (4.57 / 4.50 / 4.50); flm-68 (app box means 4.24 / 4.30 / 4.34, Haar 4.99 / 4.48 /
         4.40, YuNet 4.55 / 4.46 / 4.48) and the three flm-68 models before it (s8, youtube data
         only; m2; m3) chose 0 / 2 / 1 as well (s8 app box 5.45 / 5.67 / 5.83 %).
     threads: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
