@@ -246,7 +246,7 @@ def detect(
                                            "(default: 1/40 of the image's shorter side, at least 20)."),
     refine: Optional[int] = typer.Option(None, "--refine",
                                          help="Extra passes cropping around the landmarks just found "
-                                              "(default: 2 for haar, 1 for yunet and none; 0 from an app's box)."),
+                                              "(default: 2 for haar, 1 for yunet and none)."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime threads (0: one per core)."),
     tracking: bool = typer.Option(True, "--tracking/--no-tracking",
                                   help="Videos: follow each face from its last frame's landmarks and run the "
