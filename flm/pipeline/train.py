@@ -155,12 +155,16 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# the per-convention options: the TrainConfig field each fills, and a value for their examples
+_PER_CONVENTION = {"--aug-flip-for": ("flip_for", "0.5"), "--aug-flip-shift-for": ("flip_shift_for", "1.0")}
+
+
 def check_convention_names(cfg: TrainConfig) -> None:
     """UsageError for a per-convention option (--aug-flip-for, --aug-flip-shift-for) naming no --data
     source: a typo would otherwise change nothing, silently."""
     known = sorted({Source.parse(text).convention for text in cfg.data})
-    for option, values, value in (("--aug-flip-for", cfg.flip_for, 0.5), ("--aug-flip-shift-for", cfg.flip_shift_for, 1.0)):
-        for name in values:
+    for option, (field_name, value) in _PER_CONVENTION.items():
+        for name in getattr(cfg, field_name):
             if name not in known:
                 raise UsageError(f"{option} {name}: no --data source follows a convention of that name; "
                                  f"known: {', '.join(known)}", example=f"flm train {option} {known[0]}={value}")
@@ -220,7 +224,7 @@ def _name_number(item: str, option: str) -> tuple[str, float]:
         value = None
     if not name or value is None:
         raise UsageError(f"{option} {item!r}: expected NAME=NUMBER (NAME a --data folder name)",
-                         example=f"flm train {option} 300w-train={'0.5' if option == '--aug-flip-for' else '1.0'}")
+                         example=f"flm train {option} 300w-train={_PER_CONVENTION[option][1]}")
     return name, value
 
 
