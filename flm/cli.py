@@ -71,7 +71,7 @@ def train(
     head: Optional[str] = typer.Option(None, "--head", help="Heatmap head channels C1,C2 (default 192,128)."),
     upsample: Optional[str] = typer.Option(None, "--upsample", help="Its x2 steps: deconv (default) or light."),
     trunk_lr: float = typer.Option(1.0, "--trunk-lr", help="Trunk learning rate, a fraction of --lr (0: frozen)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="A trained checkpoint whose heatmaps it learns too."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="A trained checkpoint whose heatmaps it learns too (any input size)."),
     teacher_weight: float = typer.Option(1.0, "--teacher-weight", help="Weight of --teacher's term in the loss."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o"),
     device: str = typer.Option("auto", help="auto|cpu|cuda|mps"),

@@ -482,9 +482,10 @@ def _build(cfg: TrainConfig, sources, device) -> tuple[LandmarkModel, tuple[str,
     return model.to(device, memory_format=memory_format(device)), conventions
 
 
-# What must agree for a teacher's heatmaps to be targets for the model's: same maps of the same input.
-_TEACHER_SPEC = ("output", "heatmap_size", "input_size", "num_points", "scheme", "conventions", "channels",
-                 "color_order", "mean", "std")
+# What must agree for a teacher's heatmaps to be targets for the model's: maps of the same points, in
+# the same conventions, of the same crop normalised alike (its input and heatmap sizes may differ:
+# `teacher_maps` resamples).
+_TEACHER_SPEC = ("output", "num_points", "scheme", "conventions", "channels", "color_order", "mean", "std")
 
 
 def _load_teacher(cfg: TrainConfig, model: LandmarkModel, device) -> LandmarkModel | None:
@@ -501,6 +502,20 @@ def _load_teacher(cfg: TrainConfig, model: LandmarkModel, device) -> LandmarkMod
                          example="flm train --init models/flm-68.pt --teacher models/flm-68.pt --upsample light")
     teacher.requires_grad_(False)
     return teacher.to(device, memory_format=memory_format(device))
+
+
+def teacher_maps(teacher: LandmarkModel, x: torch.Tensor, heads, size) -> torch.Tensor:
+    """The teacher's heatmap distributions (N, K, H*W) on the model's heatmap grid `size` (H, W), for
+    the model's input batch `x`: a teacher of another input size sees the batch resized to its own
+    (the same crops), and its logits are resized to the model's grid (bilinear; both grids' cell
+    centres sit at the same fractions of the crop)."""
+    side = teacher.spec.input_size
+    if x.shape[-1] != side:
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    logits = teacher(*_inputs(x, heads))
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return torch.softmax(logits.flatten(2), -1)
 
 
 def _loader(cfg: TrainConfig, spec, sources, conventions, rank: int, world: int):
@@ -610,7 +625,7 @@ def _step_loss(run: _Run, x, target, heads) -> torch.Tensor:
         loss = loss + F.cross_entropy(gate, heads)
     if run.teacher is not None:
         with torch.no_grad():
-            taught = torch.softmax(run.teacher(*_inputs(x, heads)).flatten(2), -1)
+            taught = teacher_maps(run.teacher, x, heads, raw.shape[-2:])
         loss = loss + run.cfg.teacher_weight * heatmap_kl(taught, raw)
     return loss
 
