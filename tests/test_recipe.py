@@ -29,18 +29,17 @@ def test_the_shipped_models_recipe_reads_and_chains_its_stages():
     assert len(last.data) == 2 and last.augment.pose == pytest.approx(0.6) and "split" in last.val
 
 
-def test_the_fast_models_recipe_builds_its_narrow_network():
+def test_the_fast_models_recipe_shrinks_the_default_models_input():
     base, stages = load_recipe(REPO / "recipes" / "flm-68-fast.toml")
-    assert [n for n, _ in stages] == ["f1", "f2", "f3", "f4", "f5", "f6"] and base == Path("runs/flm-68-fast")
+    assert [n for n, _ in stages] == ["fa1", "fa2"] and base == Path("runs/flm-68-fast")
     cfg = dict(stages)
-    assert (cfg["f1"].epochs, cfg["f1"].stop_epoch) == (40, 2) and cfg["f3"].init == str(base / "f2" / "best.pt")
-    model = build_model(cfg["f3"].model, cfg["f3"].img_size, cfg["f3"].preset_options())
-    assert model.spec.input_size == 160 and model.spec.build == {"head": (128, 96), "width": 0.5}
-    assert model.out.in_channels == 96 and 700_000 < count_parameters(model) < 800_000
-    assert cfg["f4"].gate and not cfg["f3"].gate and cfg["f4"].init == str(base / "f3" / "best.pt")
-    assert cfg["f5"].init == str(base / "f4" / "best.pt") and cfg["f5"].teacher == "models/flm-68-balanced.pt"
-    f6 = cfg["f6"]  # the 300-W photos unflipped, best.pt its last epoch
-    assert f6.init == str(base / "f5" / "best.pt") and f6.flip_for == {"300w-train": 0} and f6.select == "last"
+    assert cfg["fa1"].init == "models/flm-68-distilled.pt" and cfg["fa1"].teacher is None
+    assert cfg["fa2"].init == str(base / "fa1" / "best.pt") and cfg["fa2"].teacher == "models/flm-68-distilled.pt"
+    assert {c.select for c in cfg.values()} == {"last"} and cfg["fa2"].flip_for == {"300w-train": 0}
+    model = build_model(cfg["fa2"].model, cfg["fa2"].img_size, cfg["fa2"].preset_options())
+    assert (model.spec.input_size, model.spec.heatmap_size) == (128, 16)
+    assert model.spec.build == {"gate": True, "head": (128, 96), "upsample": "light"}
+    assert model.out.in_channels == 96 and count_parameters(model) < 1_000_000
 
 
 def test_the_balanced_models_recipe_starts_light_upsamplings_from_flm_68():
