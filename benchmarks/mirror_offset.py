@@ -30,6 +30,7 @@ from flm.geometry import flip_permutation  # noqa: E402
 from flm.pipeline.checkpoint import load_model  # noqa: E402
 from flm.pipeline.data import open_dataset  # noqa: E402
 from flm.pipeline.evaluate import CropDataset, to_image_coords  # noqa: E402
+from flm.pipeline.train import TrainConfig  # noqa: E402
 
 
 @torch.no_grad()
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
     for name, (text, how, _, _) in SETS.items():
         if how != "split":
             continue  # aflw2000-3d-val is never training data
-        ds = open_dataset(text).mapped(model.spec.scheme).split_by_identity(0.15, 0)[args.part == "val"]
+        split = TrainConfig.val_fraction, TrainConfig.seed  # flm train's defaults
+        ds = open_dataset(text).mapped(model.spec.scheme).split_by_identity(*split)[args.part == "val"]
         plain, mirrored = both_views(model, ds)
         labels = np.stack([s.points for s in ds.samples])
         rows[name] = {"faces": len(ds), "mirror_offset_x": float(((plain - mirrored) / 2)[..., 0].mean()),

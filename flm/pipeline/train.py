@@ -362,11 +362,14 @@ def _val_score(model, val: ValSet, device, rank: int = 0, world: int = 1) -> flo
     return float(np.mean(means))
 
 
+_SELECTS = {"mean": "best.pt by the mean over them", "last": "best.pt: the last epoch"}  # --select beside the set names
+
+
 def _val_scores(model, vals: list[ValSet], device, rank: int, world: int, select: str) -> tuple[dict, float]:
     """({set name: score}, the score logged beside them: set `select`'s, or the mean over the sets
     (for "mean" and "last", which keeps every epoch as best.pt)."""
     scores = {v.name: _val_score(model, v, device, rank, world) for v in vals}
-    return scores, float(np.mean(list(scores.values()))) if select in ("mean", "last") else scores[select]
+    return scores, float(np.mean(list(scores.values()))) if select in _SELECTS else scores[select]
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -762,9 +765,6 @@ def train(cfg: TrainConfig, sources, vals: list[ValSet], progress=None) -> dict:
             "stopped": stopped, "wall_s": time.perf_counter() - run.t0}
 
 
-_SELECTS = {"mean": "best.pt by the mean over them", "last": "best.pt: the last epoch"}  # --select beside the set names
-
-
 def _log_start(run: _Run, vals: list[ValSet]) -> None:
     if run.rank == 0:  # logged once a signal is caught, so a signal after this line always saves
         cfg = run.cfg
@@ -814,7 +814,7 @@ def validation_sets(cfg: TrainConfig, sources, scheme: str):
             v.name = f"{v.name}#{names[:k + 1].count(v.name)}"
     if cfg.select not in _SELECTS and cfg.select not in [v.name for v in vals]:
         raise UsageError(f"--select {cfg.select!r}: no validation set of that name; "
-                         f"known: mean, last, {', '.join(v.name for v in vals)}", example="flm train --select mean")
+                         f"known: {', '.join([*_SELECTS, *(v.name for v in vals)])}", example="flm train --select mean")
     return kept, vals
 
 
