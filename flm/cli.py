@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import typer
+import typer.main
 from rich.table import Table
 
 from flm.errors import FlmError, UsageError
@@ -299,11 +300,27 @@ _register_stage_commands()
 # --------------------------------------------------------------------------- entry point
 
 
+def _show_values_taken(cmd) -> None:
+    """Help's type column says what an option takes on the command line: nothing after a flag (typer
+    writes `<bool>`), and one value, given once per use, after a repeatable option (not `<list[str]>`)."""
+    for p in [*cmd.params, cmd.get_help_option(typer.Context(cmd))]:
+        if p is None:
+            continue
+        if p.metavar is None and getattr(p, "is_flag", False):
+            p.metavar = ""
+        elif p.metavar is None and getattr(p, "multiple", False):
+            p.metavar = "<" + " ".join(t.__name__ for t in get_args(p.type_descriptor.annotation)) + ">"
+    for sub in getattr(cmd, "commands", {}).values():
+        _show_values_taken(sub)
+
+
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
+        command = typer.main.get_command(app)
+        _show_values_taken(command)
         # in standalone_mode=False, `raise typer.Exit(130)` (and Ctrl-C) come back as the return value
-        code = app(args=argv, standalone_mode=False)
+        code = command(args=argv, standalone_mode=False, prog_name="flm")
     except FlmError as e:
         if debug:
             raise

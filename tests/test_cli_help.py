@@ -62,3 +62,14 @@ def test_no_help_shows_a_doubled_percent_sign(capsys, monkeypatch):
     shown = {argv: help_text(argv, capsys, monkeypatch) for argv, _ in commands(typer.main.get_command(app))}
     assert len(shown) >= 10 and all("Usage" in text for text in shown.values())
     assert not [argv for argv, text in shown.items() if "%%" in text]
+
+
+def test_help_says_what_each_option_takes(capsys, monkeypatch):
+    """A flag takes no value and a repeatable option one value per use: help shows neither typer's `<bool>`
+    nor its `<list[str]>` for them (both are in typer's own rendering of the same command, the control)."""
+    shown = help_text(["train"], capsys, monkeypatch)
+    assert "--gate With --heads" in shown and "--data -d <str> FORMAT:PATH" in shown
+    assert "<bool>" not in shown and "<list[" not in shown
+    typer.main.get_command(app)(["train", "--help"], standalone_mode=False, prog_name="flm")
+    raw = " ".join(capsys.readouterr().out.split())
+    assert "--gate <bool>" in raw and "--data -d <list[str]>" in raw
