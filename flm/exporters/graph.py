@@ -14,13 +14,16 @@ from torch import nn
 
 from flm.errors import SpecError
 from flm.exporters import EXAMPLE_BATCH
+from flm.exporters.lean import lean_copy
 
 
 class ExportGraph(nn.Module):
-    def __init__(self, model, decode: bool = True, normalise: bool = False):
+    """`lean`: the model as `flm.exporters.lean.lean_copy` lays it out (the ONNX file's)."""
+
+    def __init__(self, model, decode: bool = True, normalise: bool = False, lean: bool = False):
         super().__init__()
         spec = model.spec
-        self.model, self.spec = model.eval(), spec
+        self.model, self.spec = (lean_copy(model) if lean else model).eval(), spec
         self.decode_heatmaps = decode and spec.output == "heatmap"
         self.normalise = normalise
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).reshape(1, -1, 1, 1))

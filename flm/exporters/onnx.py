@@ -24,8 +24,8 @@ MIN_OPSET = 18
 
 
 def export_onnx(model, path, *, decode: bool = True, opset: int = DEFAULT_OPSET, lean: bool = True) -> Path:
-    """Write `model` (a LandmarkModel) to `path` as ONNX; `lean`: channel shuffles as gathers
-    (`gather_channel_shuffles`). No parity check here: see parity.verify."""
+    """Write `model` (a LandmarkModel) to `path` as ONNX; `lean`: as `flm.exporters.lean` lays it out for
+    onnxruntime (the default). No parity check here: see parity.verify."""
     import onnx
     import torch
 
@@ -35,7 +35,7 @@ def export_onnx(model, path, *, decode: bool = True, opset: int = DEFAULT_OPSET,
         raise UsageError(f"--opset {opset} is not supported: torch's exporter writes an invalid Split "
                          f"below opset {MIN_OPSET}", example="flm export best.pt --target onnx --opset 18")
     path = Path(path)
-    graph = ExportGraph(model, decode=decode)
+    graph = ExportGraph(model, decode=decode, lean=lean)
     spec = model.spec
     names = output_names(spec, decode)
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=4096)
@@ -54,70 +54,9 @@ def export_onnx(model, path, *, decode: bool = True, opset: int = DEFAULT_OPSET,
     for key, value in metadata(spec, decode).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    if lean:
-        log.debug("channel shuffles written as gathers: %d", gather_channel_shuffles(proto.graph))
     onnx.checker.check_model(proto, full_check=True)
     onnx.save_model(proto, str(path), save_as_external_data=False)
     return path
-
-
-def gather_channel_shuffles(graph) -> int:
-    """Write each channel shuffle in `graph` (ShuffleNetV2's Reshape to (N, g, C/g, H, W), Transpose of
-    the two group axes, Reshape back to C channels) as one Gather of the channels in their shuffled
-    order, and a shuffle whose only reader splits it in two halves (the next unit's split) as one
-    Gather per half: the same numbers in 1-2 copies instead of 3-4 (onnxruntime, one thread: flm-68-distilled
-    ~4 % less time a face, model card). Returns how many shuffles it rewrote."""
-    from onnx import helper, numpy_helper
-
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    producer = {o: n for n in graph.node for o in n.output}
-    swaps, done = {}, set()
-    for t in graph.node:
-        chain = _shuffle_chain(t, producer, readers, consts)
-        if chain is None:
-            continue
-        first, last, groups, split = chain
-        c = consts[first.input[1]]
-        order = np.arange(groups * int(c[2])).reshape(groups, -1).T.reshape(-1)  # shuffled channel j = order[j]
-        parts = zip(split.output, np.split(order, 2)) if split is not None else [(last.output[0], order)]
-        gathers = []
-        for out, idx in parts:
-            graph.initializer.append(numpy_helper.from_array(idx.astype(np.int64), f"{out}_channels"))
-            gathers.append(helper.make_node("Gather", [first.input[0], f"{out}_channels"], [out], name=f"{out}_gather", axis=1))
-        swaps[id(first)] = gathers
-        done |= {id(first), id(t), id(last)} | ({id(split)} if split is not None else set())
-    nodes = [g for n in graph.node if id(n) not in done or id(n) in swaps for g in swaps.get(id(n), [n])]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    unused = [t for t in graph.initializer if t.name not in used]
-    for t in unused:
-        graph.initializer.remove(t)
-    return len(swaps)
-
-
-def _shuffle_chain(t, producer, readers, consts):
-    """(first Reshape, last Reshape, groups, the halving Split or None) if node `t` is the Transpose of
-    a channel shuffle whose intermediate results nothing else reads, else None."""
-    perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
-    first = producer.get(t.input[0])
-    nxt = readers.get(t.output[0], [])
-    if (t.op_type != "Transpose" or perm != [0, 2, 1, 3, 4] or first is None or first.op_type != "Reshape"
-            or len(readers.get(first.output[0], [])) != 1 or len(nxt) != 1 or nxt[0].op_type != "Reshape"):
-        return None
-    shape, last = consts.get(first.input[1]), nxt[0]
-    back = consts.get(last.input[1])
-    if shape is None or back is None or len(shape) != 5 or len(back) != 4 or back[1] != shape[1] * shape[2]:
-        return None
-    split = readers.get(last.output[0], [])
-    halves = (len(split) == 1 and split[0].op_type == "Split" and len(split[0].input) == 1
-              and len(split[0].output) == 2 and all(a.name in ("axis", "num_outputs") for a in split[0].attribute)
-              and next((a.i for a in split[0].attribute if a.name == "axis"), 0) == 1 and back[1] % 2 == 0)
-    return first, last, int(shape[1]), split[0] if halves else None
 
 
 @contextlib.contextmanager
