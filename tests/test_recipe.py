@@ -31,13 +31,12 @@ def test_the_shipped_models_recipe_reads_and_chains_its_stages():
 
 def test_the_fast_models_recipe_shrinks_the_default_models_input():
     base, stages = load_recipe(REPO / "recipes" / "flm-68-fast.toml")
-    assert [n for n, _ in stages] == ["fa1", "fa2"] and base == Path("runs/flm-68-fast")
-    cfg = dict(stages)
-    assert cfg["fa1"].init == "models/flm-68-distilled.pt" and cfg["fa1"].teacher is None
-    assert cfg["fa2"].init == str(base / "fa1" / "best.pt") and cfg["fa2"].teacher == "models/flm-68-distilled.pt"
-    assert {c.select for c in cfg.values()} == {"last"} and cfg["fa2"].flip_for == {"300w-train": 0}
-    model = build_model(cfg["fa2"].model, cfg["fa2"].img_size, cfg["fa2"].preset_options())
-    assert (model.spec.input_size, model.spec.heatmap_size) == (128, 16)
+    assert [n for n, _ in stages] == ["fa1"] and base == Path("runs/flm-68-fast")
+    cfg = stages[0][1]
+    assert cfg.init == "models/flm-68-distilled.pt" and cfg.teacher == "models/flm-68-distilled.pt"
+    assert cfg.select == "last" and cfg.flip_for == {"300w-train": 0} and len(cfg.data) == 2
+    model = build_model(cfg.model, cfg.img_size, cfg.preset_options())
+    assert (model.spec.input_size, model.spec.heatmap_size) == (160, 20)
     assert model.spec.build == {"gate": True, "head": (128, 96), "upsample": "light"}
     assert model.out.in_channels == 96 and count_parameters(model) < 1_000_000
 
