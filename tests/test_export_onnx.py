@@ -180,3 +180,13 @@ def test_the_lean_file_pads_the_trunk_and_gathers_its_shuffles_with_the_same_out
     order.CopyFrom(onnx.numpy_helper.from_array(moved, order.name))
     onnx.save(proto, str(tmp_path / "moved.onnx"))
     assert not np.allclose(run(lean)[0], run(tmp_path / "moved.onnx")[0], atol=1e-3)
+
+
+def test_flm_export_plain_keeps_pytorchs_layout(tmp_path, random_checkpoints):
+    ckpt = random_checkpoints("shufflenet-heatmap")
+    transposes = {}
+    for flag in ("--lean", "--plain"):
+        out = tmp_path / flag.strip("-")
+        assert main(["export", str(ckpt), "--target", "onnx", flag, "--samples", "2", "--out", str(out)]) == 0
+        transposes[flag] = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node].count("Transpose")
+    assert transposes == {"--lean": 0, "--plain": 16}

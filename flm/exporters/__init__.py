@@ -137,7 +137,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("onnx", ".onnx", "model.onnx", ("decode", "opset"),
+    Target("onnx", ".onnx", "model.onnx", ("decode", "opset", "lean"),
            ("torch", "onnx", "onnxscript", "onnxruntime"),
            "flm.exporters.onnx:export_onnx", "flm.exporters.onnx:open_onnx",
            "ONNX (opset 18, dynamic batch), verified with onnxruntime CPU"),

@@ -67,6 +67,8 @@ def export(
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (18 or later)."),
     decode: bool = typer.Option(True, "--decode/--no-decode",
                                 help="Put heatmap -> landmark decoding in the graph (heatmaps stay available)."),
+    lean: bool = typer.Option(True, "--lean/--plain", help="ONNX: a ShuffleNetV2 trunk laid out for onnxruntime's CPU "
+                              "convolutions (padded channels, gathers: same outputs, ~0.8x the time) or as PyTorch has it."),
     coreml_input: str = typer.Option("image", "--coreml-input",
                                      help="Core ML input: image (pixel buffer, normalised in-graph) | tensor."),
     samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", help="Inputs for the parity check."),
@@ -78,7 +80,7 @@ def export(
 ):
     """Export a checkpoint to ONNX and/or Core ML; every file is parity-checked before it is published."""
     targets = resolve_targets(target)
-    options = {"onnx": {"decode": decode, "opset": opset}, "coreml": {"decode": decode, "coreml_input": coreml_input}}
+    options = {"onnx": {"decode": decode, "opset": opset, "lean": lean}, "coreml": {"decode": decode, "coreml_input": coreml_input}}
     _check_export_options(checkpoint, targets, options, opset, coreml_input, samples)
 
     from flm.exporters.parity import make_inputs

@@ -55,8 +55,9 @@ class LeanStage(nn.Module):
         self.branch1 = _pad_branch(units[0].branch1, width_in, p)
         self.branches = nn.ModuleList([_pad_branch(units[0].branch2, width_in, p)]
                                       + [_pad_branch(u.branch2, p, p) for u in units[1:]])
-        # after a unit, its concatenation holds channel k of the unshuffled output at lies[k]; the
-        # shuffle's channel j is the unshuffled k = order[j]; padding gathers repeat channel 0
+        # a unit's concatenation holds its unshuffled output's channel k at lies[k] (each half padded);
+        # the shuffle interleaves the halves, so the shuffled channel j lies at at[j]; the padding
+        # gathers repeat channel 0 (the layers that read them weigh them 0)
         lies = np.r_[np.arange(half), p + np.arange(half)]
         at = lies[np.arange(2 * half).reshape(2, half).T.reshape(-1)]
         filler = np.zeros(p - half, dtype=np.int64)
