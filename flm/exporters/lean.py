@@ -44,7 +44,8 @@ def _padded(channels: int) -> int:
 class LeanStage(nn.Module):
     """A torchvision ShuffleNetV2 stage (a stride-2 unit, then stride-1 units) as the same function: each
     half padded to `_padded` channels and every channel shuffle and split done as gathers. `width_in`:
-    the (padded) channels of the input it is given, the stage's own input channels first."""
+    the channels of the input it is given, when a padded layer before it gives more than the stage's
+    own input channels (the default)."""
 
     def __init__(self, stage: nn.Sequential, width_in: int | None = None):
         super().__init__()
